@@ -1,0 +1,8 @@
+"""Make the flat top-level modules importable from tests/ and keep the tests on 2 CPU threads."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(2)
