@@ -1,0 +1,142 @@
+"""train.py end to end on a tiny synthetic set: files, resume equality, bad input, Eq. (5) only."""
+import csv
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data as datasets
+import methods
+import train
+from models import build_deployable
+
+REAL_LOAD = datasets.load_data
+
+
+def tiny_data(name, data_dir, device, seed=0):
+    """256 training and 128 test images of the synthetic set (keeps each epoch about a second)."""
+    full = REAL_LOAD("synthetic", data_dir, device, seed)
+    return replace(full, train_images=full.train_images[:256], train_labels=full.train_labels[:256],
+                   test_images=full.test_images[:128], test_labels=full.test_labels[:128])
+
+
+@pytest.fixture(autouse=True)
+def small_data(monkeypatch):
+    monkeypatch.setattr(train.datasets, "load_data", tiny_data)
+
+
+def args_for(out_dir, *extra):
+    return ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batch-size", "32",
+            "--device", "cpu", "--out-dir", str(out_dir), *extra]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("method", ["pcl", "dk", "dkel"])
+def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
+    assert train.main(args_for(tmp_path, "--method", method)) == 0
+    assert {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json"} <= set(os.listdir(tmp_path))
+    rows = read_metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for key in ("lr", "w", "rampup", "loss", "ce", "pe", "train_acc", "acc_student_peer0", "acc_student_ensemble",
+                "acc_teacher_peer2", "acc_teacher_ensemble", "epoch_seconds", "images_per_s"):
+        assert key in rows[0], key
+    assert ("de" in rows[0]) == (method == "dkel")
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["method"] == method and config["milestones"] == [1, 2] and config["torch"] == torch.__version__
+    summary = json.load(open(tmp_path / "summary.json"))
+    final = summary["final"]
+    teacher_accs = [final[f"acc_teacher_peer{i}"] for i in range(3)]
+    assert summary["headline_final_deployed_mean"] == pytest.approx(sum(teacher_accs) / 3)
+    # The exported model reproduces the accuracy of the teacher peer it was cut from.
+    deployed = build_deployable("resnet8", 10)
+    deployed.load_state_dict(torch.load(tmp_path / "deployable.pt", weights_only=True))
+    test = tiny_data("synthetic", "", "cpu")
+    with torch.no_grad():
+        images, labels = next(datasets.test_batches(test, 128))
+        accuracy = 100.0 * (deployed.eval()(images).argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(final[f"acc_{summary['deployable']['output']}"])
+    assert "headline" in capsys.readouterr().out
+
+
+def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(args_for(straight)) == 0
+    real_epoch = train.train_epoch
+
+    def killed_in_second_epoch(args, method, optimizer, data, epoch, state):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(args, method, optimizer, data, epoch, state)
+
+    monkeypatch.setattr(train, "train_epoch", killed_in_second_epoch)
+    assert train.main(args_for(resumed)) == 130
+    assert len(read_metrics(resumed)) == 1
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    assert train.main(args_for(resumed, "--resume")) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    for name in ("student", "teacher"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), f"{name}.{key}"
+    timing = {"epoch_seconds", "images_per_s"}
+    for row_a, row_b in zip(read_metrics(straight), read_metrics(resumed)):
+        assert {k: v for k, v in row_a.items() if k not in timing} == {k: v for k, v in row_b.items() if k not in timing}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--arch", "resnet1000"], "unknown --arch"),
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--num-peers", "1"], "needs --num-peers >= 2"),
+    (["--milestones", "5"], "must lie within 1..2"),
+    (["--dataset", "mnist"], "invalid choice"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_bad_command_line_exits_2_with_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args_for(tmp_path, *flags))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_directory_errors(tmp_path, capsys):
+    assert train.main(args_for(tmp_path / "none", "--resume")) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    done = tmp_path / "done"
+    assert train.main(args_for(done, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert train.main(args_for(done, "--epochs", "1")) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert train.main(args_for(done, "--epochs", "1", "--beta", "0.25", "--resume")) == 2
+    assert "different configuration (beta: 0.5 -> 0.25)" in capsys.readouterr().err
+    (done / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert train.main(args_for(done, "--epochs", "1", "--resume")) == 2
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+
+
+def test_collapse_stops_the_run(tmp_path, capsys):
+    assert train.main(args_for(tmp_path, "--collapse-threshold", "1e9")) == 3
+    assert "collapse in epoch 1" in capsys.readouterr().err
+
+
+def test_teacher_changes_only_by_eq5_after_initialisation():
+    args = train.resolve_args(args_for("unused"))
+    data = tiny_data("synthetic", "", "cpu")
+    method = methods.OnlineDistillation(args, 10, torch.device("cpu"))
+    optimizer = torch.optim.SGD(method.student.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    views, labels = next(datasets.train_batches(data, 32, 3, torch.Generator().manual_seed(0)))
+    method.set_mode(True)
+    before = [p.clone() for p in method.ema.teacher.parameters()]
+    loss, _ = method.loss(views, labels, {"rampup": 1.0, "w": 0.5})
+    loss.backward()
+    assert all(p.grad is None for p in method.ema.teacher.parameters())
+    optimizer.step()
+    method.after_step(0)
+    student = dict(method.student.named_parameters())
+    for (name, p), p0 in zip(method.ema.teacher.named_parameters(), before):
+        assert torch.allclose(p, 0.999 * p0 + 0.001 * student[name], rtol=0, atol=1e-6), name
