@@ -206,7 +206,8 @@ class KDCL(DML):
 
 
 class ONE(PeerMethod):
-    """ONE: shared trunk, M branches and a gate on the trunk feature (Lan et al. 2018)."""
+    """ONE: shared trunk, M branches and a gate on the trunk feature (Lan et al. 2018); one view,
+    since the gate reads the one trunk feature that every branch starts from."""
 
     def __init__(self, args: argparse.Namespace, num_classes: int, device: torch.device):
         net = MultiPeerNet(args.arch, num_classes, args.num_peers, ensemble_head=False)

@@ -9,7 +9,9 @@ The same class builds every network the project needs (SPEC.md Sec. 5 and 6):
 - the 3-peer student (and DKEL's independent teacher, a second instance of the same class);
 - a single plain network: M = 1 and no ensemble head;
 - M independent networks (DML, KDCL): no shared trunk, every branch is a whole network;
-- the deployable model: the trunk plus one branch, cut out of a trained multi-peer network.
+- the deployable model: the trunk plus one branch, cut out of a trained multi-peer network;
+- the small pieces the compared methods of Table 1 add to it (end of file): ONE's gate, CL's
+  gradient scaling of the shared feature, OKDDip's attention over peers.
 
 Architectures follow the authors' public code (SPEC.md Sec. 5); the split between trunk and
 branch is where that code starts its branches. Every branch is built fresh, so the peers start
@@ -265,6 +267,7 @@ class MultiPeerNet(nn.Module):
             raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
         spec = ARCHS[arch]()
         self.arch, self.num_classes, self.num_peers = arch, num_classes, num_peers
+        self.shared_trunk = shared_trunk
         self.trunk = spec.trunk() if shared_trunk else nn.Identity()
         self.peers = nn.ModuleList(
             Peer(spec.branch_body() if shared_trunk else nn.Sequential(spec.trunk(), spec.branch_body()),
@@ -310,8 +313,16 @@ class MultiPeerNet(nn.Module):
         return PeerOutputs(logits, feats, ensemble, trunk_out)
 
     def deployable(self, peer: int) -> "DeployableNet":
-        """The deployed model: a copy of the trunk followed by a copy of branch `peer`."""
-        return DeployableNet(copy.deepcopy(self.trunk), copy.deepcopy(self.peers[peer]))
+        """The deployed model: a copy of the trunk followed by a copy of branch `peer`.
+
+        An independent network (shared_trunk=False: its body is (trunk, branch body)) is cut at
+        the same place, so every exported model has the same state-dict keys and loads into
+        `build_deployable(arch, num_classes)` whatever method trained it."""
+        branch = copy.deepcopy(self.peers[peer])
+        if self.shared_trunk:
+            return DeployableNet(copy.deepcopy(self.trunk), branch)
+        trunk, body = branch.body
+        return DeployableNet(trunk, Peer(body, branch.classifier))
 
 
 class DeployableNet(nn.Module):
@@ -332,3 +343,66 @@ def build_deployable(arch: str, num_classes: int, shared_trunk: bool = True) -> 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- pieces of the compared methods
+# SPEC.md Sec. 6. Each method builds a MultiPeerNet above and adds at most one of these pieces.
+class GradientScale(torch.autograd.Function):
+    """CL (Song & Chai 2018, "backpropagation rescaling" of the shared intermediate-level
+    representation): identity forward, the incoming gradient times `factor` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """CL: with factor 1/M the trunk receives the mean, not the sum, of the M heads' gradients."""
+    return GradientScale.apply(x, factor)
+
+
+class Gate(nn.Module):
+    """ONE (Lan et al. 2018, the gate of the on-the-fly native ensemble): from the shared trunk
+    feature, g = softmax(ReLU(BN(W pool(trunk)))), one weight per branch, g_i >= 0, sum_i g_i = 1."""
+
+    def __init__(self, trunk_channels: int, num_peers: int):
+        super().__init__()
+        self.scores = nn.Sequential(global_pool(), nn.Linear(trunk_channels, num_peers),
+                                    nn.BatchNorm1d(num_peers), nn.ReLU())
+
+    def forward(self, trunk_out: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.scores(trunk_out).float(), dim=-1)       # (B, ...) -> (B, M)
+
+
+def trunk_channels(arch: str) -> int:
+    """Channels of an architecture's trunk output (the input of ONE's gate): one forward of a
+    spare trunk in eval mode."""
+    spec = ARCHS[arch]()
+    with torch.no_grad():
+        return spec.trunk().eval()(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[1]
+
+
+class PeerAttention(nn.Module):
+    """OKDDip (Chen et al. 2020, the peer ensemble teacher): attention among the A = M-1
+    auxiliary peers, alpha_ab = softmax_b((W_Q h_a) . (W_K h_b)), self included, where h_a is
+    peer a's pooled feature f_a. Letters: A auxiliary peers, P projection width.
+
+    NOTE(paper): the paper leaves the width of W_Q and W_K open; we take the authors' code,
+    P = D / 8 (64 -> 8 for resnet32), without bias and without a 1/sqrt(P) scaling.
+    """
+
+    def __init__(self, feature_dim: int, reduction: int = 8):
+        super().__init__()
+        self.query = nn.Linear(feature_dim, feature_dim // reduction, bias=False)  # W_Q
+        self.key = nn.Linear(feature_dim, feature_dim // reduction, bias=False)    # W_K
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        queries = self.query(feats).transpose(0, 1)                    # (B, A, P)
+        keys = self.key(feats).transpose(0, 1)                         # (B, A, P)
+        # alpha_ab = exp(q_a . k_b) / sum_f exp(q_a . k_f): every row sums to 1.
+        return F.softmax((queries @ keys.transpose(1, 2)).float(), dim=-1)  # (B, A, A)

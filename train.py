@@ -8,6 +8,7 @@ or Eq. (12) (losses.py) with SGD + Nesterov, updates the teacher by Eq. (5) afte
 step and evaluates every student peer, the student ensemble, every teacher peer and the teacher
 ensemble (SPEC.md Sec. 4). The run directory receives config.json, metrics.csv, checkpoint.pt
 (written atomically every epoch; --resume continues from it), deployable.pt and summary.json.
+The six compared methods of Table 1 (SPEC.md Sec. 6) run through the same loop (methods.py).
 """
 import argparse
 import contextlib
@@ -43,7 +44,7 @@ class RunStopped(Exception):
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train PCL, DK or DKEL (Shao & Chen, DKEL).",
+    p = argparse.ArgumentParser(description="Train DKEL, DK, PCL or a compared method of Table 1 (Shao & Chen, DKEL).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", default="cifar10", choices=datasets.DATASETS, help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
@@ -70,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out-dir", default=None, help="run directory (default: runs/<dataset>_<arch>_<method>_seed<seed>)")
     a("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     a("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs (and always after the last)")
-    a("--compile", action="store_true", help="torch.compile the student and teacher forward passes")
-    a("--collapse-threshold", type=float, default=0.01, help="stop when the teacher's mean logit norm falls below this (collapse, paper Sec. 3.3)")
+    a("--compile", action="store_true", help="torch.compile the forward passes of the trained networks (and teacher)")
+    a("--collapse-threshold", type=float, default=0.01, help="stop when the deployed model's mean logit norm falls below this (collapse, paper Sec. 3.3)")
     a("--authors-rampup", action="store_true", help="authors' code: r(ep) = exp(-5(1 - ep/0.1)^2) before R, 0.1 after (SPEC.md Sec. 8)")
     a("--authors-ema-warmup", action="store_true", help="authors' code: alpha = min(1 - 1/(step + 1), alpha) (SPEC.md Sec. 8)")
     a("--authors-weight-cutoff", action="store_true", help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01 (SPEC.md Sec. 8)")
@@ -96,6 +97,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks = [
         (args.beta < 0, f"--beta must be >= 0, got {args.beta}"),
         (args.num_peers < 2 and args.method != "baseline", f"--method {args.method} needs --num-peers >= 2, got {args.num_peers}"),
+        (args.num_peers < 3 and args.method == "okddip", f"--method okddip needs --num-peers >= 3 (2 auxiliary peers + the leader), got {args.num_peers}"),
         (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
         (not 0.0 <= args.ema_decay <= 1.0, f"--ema-decay must be in [0, 1], got {args.ema_decay}"),
         (args.kd_weight < 0, f"--kd-weight must be >= 0, got {args.kd_weight}"),
@@ -288,8 +290,9 @@ def save_checkpoint(args, method, optimizer, scheduler, state: dict, config: dic
 
 
 def finish(args, method, data, history: list[dict]) -> dict:
-    """summary.json and deployable.pt: the headline is the mean over teacher peers at the final
-    epoch; the paper's convention (best teacher peer at its best epoch) is reported beside it."""
+    """summary.json and deployable.pt: the headline is the deployed model at the final epoch (for
+    pcl/dk/dkel the mean over teacher peers); the paper's convention (the best deployed output at
+    its best epoch) is reported beside it."""
     final = history[-1]
     keys = method.deployed_keys()
     best_peer = max(keys, key=lambda k: final[f"acc_{k}"])
@@ -313,7 +316,7 @@ def finish(args, method, data, history: list[dict]) -> dict:
 
 def epoch_line(row: dict, epochs: int, history: list[dict]) -> str:
     seconds = sum(r["epoch_seconds"] for r in history) / len(history)
-    losses = " ".join(f"{k}={row[k]:.3f}" for k in ("loss", "ce", "pe", "pm", "dk", "de") if k in row)
+    losses = " ".join(f"{k}={row[k]:.3f}" for k in ("loss", "ce", "ce_ensemble", "ce_leader", "pe", "pm", "dk", "de", "kd", "kd_leader") if k in row)
     test = f" | test deployed {row['acc_deployed_mean']:.2f}%" if "acc_deployed_mean" in row else ""
     return (f"epoch {row['epoch']}/{epochs} lr={row['lr']:.4g} w={row['w']:.3f} r={row['rampup']:.3f} {losses} "
             f"train {row['train_acc']:.2f}%{test} | {row['images_per_s']:.0f} img/s, "
@@ -324,8 +327,8 @@ def summary_table(summary: dict) -> str:
     lines = [f"{'output':<22} {'final':>7} {'best':>7}"]
     lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}" for k, v in summary["final"].items()]
     best = summary["paper_convention_best_peer_best_epoch"]
-    lines.append(f"headline (mean over teacher peers, final epoch): {summary['headline_final_deployed_mean']:.2f}%")
-    lines.append(f"paper's convention (best teacher peer at its best epoch): {best['acc']:.2f}% "
+    lines.append(f"headline (deployed model, final epoch; pcl/dk/dkel: mean over teacher peers): {summary['headline_final_deployed_mean']:.2f}%")
+    lines.append(f"paper's convention (best deployed output at its best epoch): {best['acc']:.2f}% "
                  f"({best['output']}, epoch {best['epoch']})")
     return "\n".join(lines)
 

@@ -64,6 +64,21 @@ def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
     assert "headline" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method,deployed", [("baseline", "student_peer0"), ("dml", "student_peer0"),
+                                             ("kdcl", "student_peer0"), ("one", "student_peer0"),
+                                             ("cl", "student_peer0"), ("okddip", "leader")])
+def test_table1_method_one_epoch_run(tmp_path, method, deployed):
+    assert train.main(args_for(tmp_path, "--method", method, "--epochs", "1")) == 0
+    assert {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json"} <= set(os.listdir(tmp_path))
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["deployable"]["output"] == deployed
+    assert summary["headline_final_deployed_mean"] == summary["final"][f"acc_{deployed}"]
+    row = read_metrics(tmp_path)[0]
+    assert ("acc_student_ensemble" in row) == (method != "baseline")
+    deployed_net = build_deployable("resnet8", 10)
+    deployed_net.load_state_dict(torch.load(tmp_path / "deployable.pt", weights_only=True))
+
+
 def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main(args_for(straight)) == 0
@@ -96,6 +111,7 @@ def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch):
     (["--milestones", "5"], "must lie within 1..2"),
     (["--dataset", "mnist"], "invalid choice"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--method", "okddip", "--num-peers", "2"], "okddip needs --num-peers >= 3"),
 ])
 def test_bad_command_line_exits_2_with_one_line(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
