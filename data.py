@@ -86,8 +86,8 @@ def augment_views(images: torch.Tensor, num_views: int, generator: torch.Generat
     padded = images.new_zeros(2, batch, channels, height + 2 * padding, width + 2 * padding)
     padded[0, :, :, padding:padding + height, padding:padding + width] = images
     padded[1, :, :, padding:padding + height, padding:padding + width] = images.flip(-1)
-    # Every H×W window as a strided view, no copy: (2, B, 2p+1, 2p+1, 3, H, W).
-    windows = padded.unfold(3, height, 1).unfold(4, width, 1).permute(0, 1, 3, 4, 2, 5, 6)
+    # Every H×W window as a strided view, no copy, channels last: (2, B, 2p+1, 2p+1, H, W, 3).
+    windows = padded.unfold(3, height, 1).unfold(4, width, 1).permute(0, 1, 3, 4, 5, 6, 2)
     shape, device = (num_views, batch), images.device
     offset_y = torch.randint(0, side, shape, generator=generator, device=device)  # (M, B)
     offset_x = torch.randint(0, side, shape, generator=generator, device=device)  # (M, B)
@@ -95,7 +95,9 @@ def augment_views(images: torch.Tensor, num_views: int, generator: torch.Generat
     sample = torch.arange(batch, device=device).expand(shape)  # (M, B)
     # A crop at offset x of the mirrored padded image is the mirror of the crop at 2p - x;
     # both offsets are uniform on 0 .. 2p, so this is crop-then-flip with a uniform offset.
-    return windows[flip, sample, offset_y, offset_x]  # (M, B, 3, H, W)
+    # Gathered channels last (M, B, H, W, 3) and returned as (M, B, 3, H, W) with NHWC strides,
+    # so that the M*B images reach the channels_last networks of train.py without a copy.
+    return windows[flip, sample, offset_y, offset_x].permute(0, 1, 4, 2, 3)  # (M, B, 3, H, W)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
@@ -150,6 +152,7 @@ def test_batches(data: ImageData, batch_size: int) -> Iterator[tuple[torch.Tenso
     shift, scale = normaliser(data.mean, data.std, data.device)
     for start in range(0, len(data.test_labels), batch_size):
         images = _to_device(data.test_images[start:start + batch_size], data.device)
+        images = images.contiguous(memory_format=torch.channels_last)  # NHWC, as the networks
         yield normalise(images, shift, scale), data.test_labels[start:start + batch_size]
 
 
