@@ -110,6 +110,10 @@ def cross_entropy_per_peer(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return per_sample.view(num_peers, batch).mean(1)                            # (M,)
 
 
+def _named(total: torch.Tensor, **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
 def online_kd_loss(method: str, student_logits: torch.Tensor, ensemble_logits: torch.Tensor,
                    teacher_logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
                    kd_weight: float, rampup_weight: float, ensemble_weight: float = 0.0
@@ -142,8 +146,7 @@ def online_kd_loss(method: str, student_logits: torch.Tensor, ensemble_logits: t
         # Eq. (2): L_PCL = L_ce(e, y) + sum_i [ L_ce(s_i, y) + lambda r(ep) L_pe(s_i)
         #                  + lambda r(ep) L_pm(s_i) ]   (dk: L_dk in place of L_pm).
         distill = pe + teacher_kd
-    total = ce_ensemble + ce_peers + distill_scale * distill
-    return total, {name: value.detach() for name, value in parts.items()}
+    return _named(ce_ensemble + ce_peers + distill_scale * distill, **parts)
 
 
 # ----------------------------------------------------------------------------- compared methods (Table 1)
@@ -151,10 +154,6 @@ def online_kd_loss(method: str, student_logits: torch.Tensor, ensemble_logits: t
 # detached except OKDDip's attention target t_a. Each distillation term is scaled by
 # kd_weight * r(ep) (PCL's lambda and ramp-up), except DML's, which has no ramp-up. Every
 # function returns (the objective summed over the networks, its detached named parts).
-def _named(total: torch.Tensor, **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return total, {name: value.detach() for name, value in parts.items()}
-
-
 def baseline_loss(logits: torch.Tensor, labels: torch.Tensor):
     """Baseline: one plain network (M = 1) trained with cross-entropy alone."""
     ce = cross_entropy_per_peer(logits, labels).sum()
