@@ -159,7 +159,7 @@ def bar_chart(args, results: dict, path: str) -> None:
 
     paper = paper_numbers()
     width = 0.8 / len(args.methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(args.archs) * len(args.methods) ** 0.5), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.0 + 0.5 * len(args.archs) * len(args.methods)), 4.5))
     for k, method in enumerate(args.methods):
         xs = [i + (k - (len(args.methods) - 1) / 2) * width for i in range(len(args.archs))]
         stats = [mean_std(results[arch, method]["final"]) if (arch, method) in results else (math.nan, None)
@@ -171,11 +171,12 @@ def bar_chart(args, results: dict, path: str) -> None:
     ax.plot([], [], "k_", markersize=10, markeredgewidth=2, label="paper")
     ax.set_xticks(range(len(args.archs)), args.archs)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{args.dataset}: deployed model, final epoch, mean ± std over seeds {args.seeds}")
+    ax.set_title(f"{args.dataset}: deployed model at the final epoch\nmean ± std over seeds "
+                 f"{', '.join(map(str, args.seeds))}; black marks: the paper's numbers where it has them", fontsize=10)
     values = [v for entry in results.values() for v in entry["final"]]
     if values:
         ax.set_ylim(max(0.0, min(values) - 5.0), min(100.0, max(values) + 3.0))
-    ax.legend(ncol=min(5, len(args.methods) + 1), fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
