@@ -156,3 +156,9 @@ def test_teacher_changes_only_by_eq5_after_initialisation():
     student = dict(method.student.named_parameters())
     for (name, p), p0 in zip(method.ema.teacher.named_parameters(), before):
         assert torch.allclose(p, 0.999 * p0 + 0.001 * student[name], rtol=0, atol=1e-6), name
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_no_bad_checkpoint(tmp_path, capsys):
+    assert train.main(args_for(tmp_path, "--lr", "1e30", "--rampup-epochs", "0")) == 3
+    assert "the loss became" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.pt").exists()  # the diverged epoch 1 is never saved
