@@ -31,7 +31,7 @@ PAPER_EPOCHS = {"tinyimagenet": 100}               # Sec. 4.2; every other data 
 PAPER_MILESTONES = {"tinyimagenet": (0.3, 0.6)}    # Sec. 4.2; every other data set: 50% and 75%
 PAPER_RAMPUP_FRACTION = 80 / 300                   # PCL's R = 80 of 300 epochs (SPEC.md Sec. 2)
 # Arguments that may change between a run and its resumption without changing its results.
-RESUMABLE = {"resume", "eval_every", "device", "data_dir", "compile"}
+RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
 
 
 class RunStopped(Exception):
@@ -204,7 +204,7 @@ def check_health(args, row: dict) -> None:
 
 # ----------------------------------------------------------------------------- run directory
 def config_of(args: argparse.Namespace, device: torch.device) -> dict:
-    return {**vars(args), "torch": torch.__version__, "device_name":
+    return {**vars(args), "torch": str(torch.__version__), "device_name":
             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
@@ -237,7 +237,7 @@ def write_metrics(path: str, history: list[dict]) -> None:
 
 def load_checkpoint(path: str, config: dict, args: argparse.Namespace) -> dict:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = checkpoint["config"]
     except Exception as error:  # any unreadable file is a corrupt checkpoint to the user
         raise RunStopped(f"cannot read the checkpoint {path} ({type(error).__name__}); delete the run "
