@@ -213,26 +213,31 @@ def same_config(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
-def atomic_save(obj, path: str) -> None:
+@contextlib.contextmanager
+def atomic_write(path: str, binary: bool = False):
     """Write to a temporary file beside `path`, then rename: a kill never leaves half a file."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
+        yield f
     os.replace(tmp, path)
 
 
+def atomic_save(obj, path: str) -> None:
+    with atomic_write(path, binary=True) as f:
+        torch.save(obj, f)
+
+
 def write_json(obj, path: str) -> None:
-    with open(f"{path}.tmp", "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
-    os.replace(f"{path}.tmp", path)
 
 
 def write_metrics(path: str, history: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in history for k in row))
-    with open(f"{path}.tmp", "w", newline="") as f:
+    with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str, config: dict, args: argparse.Namespace) -> dict:
