@@ -49,14 +49,15 @@ def images_per_second(epochs, seconds: float, device: torch.device) -> float:
         for views, _ in epochs():
             views = views.to(device, non_blocking=True)
             if start is None:  # warm-up: worker start-up, first allocations
-                start = _now(device)
+                start = now(device)
                 continue
             count += views.numel() // views.shape[-3:].numel()
             if time.perf_counter() - start > seconds:
-                return count / (_now(device) - start)
+                return count / (now(device) - start)
 
 
-def _now(device: torch.device) -> float:
+def now(device: torch.device) -> float:
+    """A timestamp after every queued kernel of `device` has finished (shared with bench_train.py)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -69,7 +70,8 @@ def main():
     parser.add_argument("--views", type=int, default=3, help="views per image M (paper: m = 3, Sec. 4.2)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (paper: 128, Sec. 4.2)")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per loader (default 10)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers of the reference (default 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of our loader (default: torch's, one per core); 1 is faster "
                              "when other processes share the cores")

@@ -1,65 +1,52 @@
 """Benchmark of a full DKEL training step (Eq. (12) + Eq. (5)): training images per second.
 
 Measures, in one run on the same machine and the same synthetic CIFAR-shaped data:
-- ours: train.py's path (methods.OnlineDistillation): the data set as a uint8 tensor on the
-  device with vectorised M-view augmentation (data.train_batches), channels_last networks, bf16
-  autocast on CUDA, the fused multi-tensor EMA of ema.py, no host-device sync inside the step;
+- ours: train.py's own step (train.train_step on a train.DKEL method): the data set as a uint8
+  tensor on the device with vectorised M-view augmentation (data.train_batches),
+  channels_last networks, bf16 autocast on CUDA, the fused multi-tensor EMA of ema.py, no
+  host-device sync inside the step;
 - reference: a straightforward loop as in the authors' code: torchvision transforms per sample
   in a DataLoader with workers, fp32 NCHW networks, the loss read back every step, and a Python
   loop over parameters for the EMA.
-Both run the same networks, the same loss (losses.online_kd_loss) and the same optimizer, and
-alternate --rounds times (the fastest round of each counts) so that a slow phase of a shared
-machine hits both. Prints both rates and their
-ratio (target: >= 1.5x on the 2-core CPU, 5x on a GPU).
+Both run the same networks, the same objective with the same epoch weights
+(losses.distillation_objective) and the same optimizer, and alternate --rounds times (the
+fastest round of each counts) so that a slow phase of a shared machine hits both. Prints both
+rates and their ratio (target: >= 1.5x on the 2-core CPU, 5x on a GPU).
 
     python bench_train.py [--arch resnet32] [--batch-size 128] [--steps 8] [--device cpu|cuda]
 """
 import argparse
 import contextlib
 import copy
-import time
 
 import torch
 from torch.utils.data import DataLoader
 
 import data
 import train
-from bench_data import ReferenceViews
-from losses import online_kd_loss
-from methods import OnlineDistillation
+from bench_data import ReferenceViews, now
+from losses import distillation_objective
 from models import MultiPeerNet
 
-
-def sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+WEIGHTS = {"rampup": 0.5, "w": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
 
 
 def time_ours(args, dataset, device) -> float:
     """Seconds per step of train.py's step (after the warm-up steps)."""
-    run_args = train.resolve_args(["--arch", args.arch, "--dataset", "synthetic", "--device", str(device),
-                                   "--batch-size", str(args.batch_size), "--epochs", "300",
-                                   *(["--compile"] if args.compile else [])])
-    method = OnlineDistillation(run_args, dataset.num_classes, device)
-    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4, fused=device.type == "cuda")
+    method = train.DKEL(args.arch, dataset.num_classes, 3, device, temperature=3.0, kd_weight=1.0,
+                        ema_decay=0.999, init_iters=1, init_lr=0.01, compile=args.compile)
+    optimizer = train.sgd(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+                          device=device)
     method.set_mode(True)
-    weights = train.epoch_weights(run_args, 10)
     generator = torch.Generator(device=device).manual_seed(0)
     batches = data.train_batches(dataset, args.batch_size, 3, generator)
     warmup = 4 if args.compile else 2  # compilation happens in the first steps
     for step in range(args.steps + warmup):
         if step == warmup:
-            start = sync(device)
+            start = now(device)
         views, labels = next(batches)
-        with train.autocast(device):
-            loss, _ = method.loss(views, labels, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.after_step(step)
-    return (sync(device) - start) / args.steps
+        train.train_step(method, optimizer, views, labels, WEIGHTS, step)
+    return (now(device) - start) / args.steps
 
 
 def time_reference(args, dataset, loader, device) -> float:
@@ -74,14 +61,15 @@ def time_reference(args, dataset, loader, device) -> float:
     batches = iter(loader)
     for step in range(args.steps + 2):
         if step == 2:
-            start = sync(device)
+            start = now(device)
         views, labels = next(batches)
         views, labels = views.to(device).transpose(0, 1), labels.to(device)   # (M, B, 3, H, W)
         out = student(views)
         with torch.no_grad():
             teacher_logits = teacher(views).logits
-        loss, _ = online_kd_loss("dkel", out.logits, out.ensemble, teacher_logits, labels, temperature=3.0,
-                                 kd_weight=1.0, rampup_weight=0.5, ensemble_weight=0.01)
+        loss, _ = distillation_objective(out.logits, out.ensemble, teacher_logits, labels, temperature=3.0,
+                                         kd_weight=1.0, rampup=WEIGHTS["rampup"],
+                                         ensemble_weight=WEIGHTS["w"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -89,7 +77,7 @@ def time_reference(args, dataset, loader, device) -> float:
         with torch.no_grad():
             for p_t, p_s in pairs:
                 p_t.mul_(0.999).add_(p_s, alpha=0.001)
-    return (sync(device) - start) / args.steps
+    return (now(device) - start) / args.steps
 
 
 def main() -> None:
@@ -97,9 +85,12 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet32", help="architecture (default resnet32, paper Table 3)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (paper: 128, Sec. 4.2)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement (default 8)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each; the fastest counts")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating measurements of each; the fastest counts")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers of the reference (default 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="ours with train.py --compile (torch.compile)")
     args = parser.parse_args()
     if min(args.steps, args.batch_size, args.rounds) < 1 or args.workers < 0:
@@ -117,10 +108,12 @@ def main() -> None:
         ours.append(time_ours(args, dataset, device))
         reference.append(time_reference(args, dataset, loader, device))
     best_ours, best_reference = min(ours), min(reference)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    threads = f"cpu, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     print(f"dkel step, {args.arch}, batch {args.batch_size}, 3 peers, {name}")
     print(f"ours:      {args.batch_size / best_ours:8.1f} images/s  ({best_ours * 1e3:7.1f} ms/step)")
-    print(f"reference: {args.batch_size / best_reference:8.1f} images/s  ({best_reference * 1e3:7.1f} ms/step)")
+    print(f"reference: {args.batch_size / best_reference:8.1f} images/s  "
+          f"({best_reference * 1e3:7.1f} ms/step)")
     print(f"ratio: {best_reference / best_ours:.2f}x (target >= 1.5x on the CPU, 5x on a GPU)")
 
 

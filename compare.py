@@ -21,11 +21,7 @@ import statistics
 import sys
 
 import train
-from methods import METHODS
-
-PAPER_ORDER = ("dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk", "dkel")
-LABELS = {"dml": "DML", "cl": "CL", "one": "ONE", "okddip": "OKDDip", "kdcl": "KDCL", "pcl": "PCL",
-          "baseline": "Baseline", "dk": "PCL+L_dk", "dkel": "DKEL"}
+from train import METHODS
 
 # SPEC.md Sec. 9 (paper Tables 1-3): (mean, std) top-1 %, std None where the paper gives none.
 _T1_COLUMNS = ("dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dkel")
@@ -68,13 +64,21 @@ def paper_numbers() -> dict[tuple[str, str, str], tuple[float, float | None]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Build the paper's comparison table from train.py runs.",
                                 epilog="Arguments after -- are passed to every train.py run.")
-    p.add_argument("--dataset", default="cifar10", help="data set of every run (paper: cifar10, cifar100, tinyimagenet)")
-    p.add_argument("--archs", nargs="+", default=["resnet32"], help="networks, one table row each (paper Table 1: resnet32 resnet110 vgg16 densenet40_12 wrn20_8)")
-    p.add_argument("--methods", nargs="+", default=list(PAPER_ORDER), choices=METHODS, help="methods, one column each (default: all, in the paper's order)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every cell (mean +- std over them)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: train.py's, the paper's 300 / 100)")
-    p.add_argument("--runs-dir", default="runs", help="where the runs live: <runs-dir>/<dataset>_<arch>_<method>_seed<seed>")
-    p.add_argument("--read-only", action="store_true", help="train nothing: tabulate the runs that exist, list the others as missing")
+    p.add_argument("--dataset", default="cifar10",
+                   help="data set of every run (paper: cifar10, cifar100, tinyimagenet)")
+    p.add_argument("--archs", nargs="+", default=["resnet32"],
+                   help="networks, one table row each (paper Table 1: resnet32 resnet110 vgg16 densenet40_12 "
+                        "wrn20_8)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="methods, one column each (default: all, in the paper's order)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds of every cell (mean +- std over them)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of every run (default: train.py's, the paper's 300 / 100)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where the runs live: <runs-dir>/<dataset>_<arch>_<method>_seed<seed>")
+    p.add_argument("--read-only", action="store_true",
+                   help="train nothing: tabulate the runs that exist, list the others as missing")
     return p
 
 
@@ -132,7 +136,7 @@ def collect(args, train_args: list[str]) -> tuple[dict, list[str]]:
 
 def markdown(args, results: dict, problems: list[str]) -> str:
     paper = paper_numbers()
-    header = "| network | " + " | ".join(LABELS[m] for m in args.methods) + " |"
+    header = "| network | " + " | ".join(METHODS[m].label for m in args.methods) + " |"
     rule = "|---|" + "---|" * len(args.methods)
     lines = [f"# {args.dataset}: top-1 % of the deployed model, mean ± std over seeds {args.seeds}", ""]
     for key, title in (("final", "Final epoch (this project's headline; SPEC.md Sec. 4)"),
@@ -165,14 +169,15 @@ def bar_chart(args, results: dict, path: str) -> None:
         stats = [mean_std(results[arch, method]["final"]) if (arch, method) in results else (math.nan, None)
                  for arch in args.archs]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s or 0.0 for _, s in stats], capsize=2,
-               label=LABELS[method], color=f"C{k}")
+               label=METHODS[method].label, color=f"C{k}")
         marks = [paper.get((args.dataset, arch, method), (math.nan,))[0] for arch in args.archs]
         ax.plot(xs, marks, "k_", markersize=10, markeredgewidth=2)
     ax.plot([], [], "k_", markersize=10, markeredgewidth=2, label="paper")
     ax.set_xticks(range(len(args.archs)), args.archs)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{args.dataset}: deployed model at the final epoch\nmean ± std over seeds "
-                 f"{', '.join(map(str, args.seeds))}; black marks: the paper's numbers where it has them", fontsize=10)
+                 f"{', '.join(map(str, args.seeds))}; black marks: the paper's numbers where it has them",
+                 fontsize=10)
     values = [v for entry in results.values() for v in entry["final"]]
     if values:
         ax.set_ylim(max(0.0, min(values) - 5.0), min(100.0, max(values) + 3.0))

@@ -96,7 +96,7 @@ def augment_views(images: torch.Tensor, num_views: int, generator: torch.Generat
     # A crop at offset x of the mirrored padded image is the mirror of the crop at 2p - x;
     # both offsets are uniform on 0 .. 2p, so this is crop-then-flip with a uniform offset.
     # Gathered channels last (M, B, H, W, 3) and returned as (M, B, 3, H, W) with NHWC strides,
-    # so that the M*B images reach the channels_last networks of train.py without a copy.
+    # so that the M*B images reach a channels_last network without a layout copy.
     return windows[flip, sample, offset_y, offset_x].permute(0, 1, 4, 2, 3)  # (M, B, 3, H, W)
 
 
@@ -145,6 +145,19 @@ def train_batches(data: ImageData, batch_size: int, num_views: int, generator: t
         views = augment_views(images, num_views, generator, padding)  # (M, B, 3, H, W) uint8
         labels = data.train_labels.index_select(0, order[start:start + batch_size])  # (B,)
         yield normalise(views, shift, scale), labels
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """All randomness of an epoch's data (order, crops, flips) from (seed, epoch) alone, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1)
+
+
+def repeated_batches(data: ImageData, batch_size: int, num_views: int, seed: int):
+    """Training batches in an order of their own (epoch "-1" of `seed`), repeated as long as they
+    are asked for: the teacher initialisation's batches (Sec. 3.3)."""
+    while True:
+        yield from train_batches(data, batch_size, num_views, epoch_generator(seed, -1, data.device))
 
 
 def test_batches(data: ImageData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

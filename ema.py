@@ -1,4 +1,4 @@
-"""The temporal mean teacher: Eq. (5) and the teacher initialisation of Sec. 3.3.
+"""The temporal mean teacher: Eq. (5), and the two teachers of PCL (Sec. 3.2) and DKEL (Sec. 3.3).
 
 Two teachers follow the student by an exponential moving average (EMA) of its parameters:
 - PCL's peer mean teacher (Sec. 3.2): an EMA copy of the student's peer branches only. It runs
@@ -6,25 +6,23 @@ Two teachers follow the student by an exponential moving average (EMA) of its pa
   the homogenisation the paper blames for collapse (Sec. 3.3).
 - DKEL's independent teacher (Sec. 3.3): a whole network of the same architecture (its own
   trunk and peers, no parameter shared with the student), initialised by copying the student
-  and then training it alone for a few cross-entropy iterations, so that its "decoupled
-  knowledge" is useful from the first step.
+  and then (train.py) training it alone for a few cross-entropy iterations, so that its
+  "decoupled knowledge" is useful from the first step.
 
 BatchNorm policy (as in Mean Teacher): the EMA covers parameters only. The teacher runs in train
 mode during training, so its BatchNorm normalises with the statistics of the current batch and
 keeps its own running statistics, which evaluation uses.
 """
 import copy
-from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
-from losses import cross_entropy_per_peer
-from models import MultiPeerNet
+from models import DeployableNet, MultiPeerNet, PeerOutputs
 
 
 class EMATeacher:
-    """Eq. (5) over every parameter that teacher and student share by name.
+    """The EMA over every parameter that teacher and student share by name.
 
     The teacher's parameters are paired with the student's once; an update is then one fused
     multi-tensor operation (`torch._foreach_lerp_`) over all of them.
@@ -60,46 +58,48 @@ class EMATeacher:
         torch._foreach_lerp_(self.teacher_params, self.student_params, 1.0 - ema_decay)
 
 
-def peer_mean_teacher(student: MultiPeerNet, ema_decay: float, authors_warmup: bool = False) -> EMATeacher:
-    """PCL (Eq. (4)): the EMA of the student's peer branches, to be run on the student's trunk
-    output through `student.run_peers(trunk_out, peers=teacher.teacher)`."""
-    return EMATeacher(copy.deepcopy(student.peers), student.peers, ema_decay, authors_warmup)
+
+class PeerMeanTeacher(EMATeacher):
+    """PCL's peer mean teacher t~ (Eq. (4)): the EMA of the student's peer branches, run on the
+    student's own trunk features. Its distillation term is L_pm."""
+    term = "pm"
+
+    def __init__(self, student: MultiPeerNet, ema_decay: float, authors_warmup: bool = False):
+        super().__init__(copy.deepcopy(student.peers), student.peers, ema_decay, authors_warmup)
+        self.student = student
+
+    def logits(self, views: torch.Tensor, student_out: PeerOutputs) -> torch.Tensor:
+        """t~_j: the EMA branch j on the student's trunk features of view j, (M, B, C)."""
+        return self.student.run_peers(student_out.trunk, peers=self.teacher)[0]
+
+    def deployable(self, peer: int) -> DeployableNet:
+        """The student's trunk (which the peer mean teacher runs on) + EMA branch `peer`."""
+        deployed = self.student.deployable(peer)
+        deployed.peer.load_state_dict(self.teacher[peer].state_dict())
+        return deployed
 
 
-def independent_teacher(student: MultiPeerNet, ema_decay: float, authors_warmup: bool = False) -> EMATeacher:
+class IndependentTeacher(EMATeacher):
     """DK / DKEL (Eq. (6)): an independent network of the student's architecture, without an
-    ensemble head (the teacher's ensemble is the mean of its peers' logits, Eq. (10)).
+    ensemble head (the teacher's ensemble is the mean of its peers' logits, Eq. (10)). Its
+    distillation term is L_dk.
 
-    Sec. 3.3, step 1: copy the student's weights into the teacher.
+    Sec. 3.3, step 1: copy the student's weights into the teacher (step 2, the k cross-entropy
+    iterations, is train.py's `initialise_teacher`).
     """
-    teacher = copy.deepcopy(student)
-    teacher.ensemble_head = None
-    return EMATeacher(teacher, student, ema_decay, authors_warmup)
+    term = "dk"
 
+    def __init__(self, student: MultiPeerNet, ema_decay: float, authors_warmup: bool = False,
+                 compile: bool = False):
+        teacher = copy.deepcopy(student)
+        teacher.ensemble_head = None
+        super().__init__(teacher, student, ema_decay, authors_warmup)
+        self.forward = torch.compile(teacher) if compile else teacher
 
-def initialise_teacher(teacher: MultiPeerNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       iters: int, lr: float) -> list[float]:
-    """Sec. 3.3, step 2: train the teacher alone with cross-entropy for `iters` iterations of plain
-    SGD (no momentum, no weight decay) at learning rate `lr` (paper: 1 iteration at 0.01).
+    def logits(self, views: torch.Tensor, student_out: PeerOutputs) -> torch.Tensor:
+        """t_j: teacher peer j on its own view x_j, (M, B, C)."""
+        return self.forward(views).logits
 
-    The loss is the mean over the teacher's peers of L_ce(t_j(x_j), y), each peer on its own view.
-    Batches are (views (M, B, 3, H, W), labels (B,)). Returns the loss of each iteration.
-    """
-    params = list(teacher.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
-    teacher.train()
-    losses = []
-    batch_iter: Iterator = iter(batches)
-    for _ in range(iters):
-        views, labels = next(batch_iter)
-        loss = cross_entropy_per_peer(teacher(views).logits, labels).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-    return losses
+    def deployable(self, peer: int) -> DeployableNet:
+        """The teacher's trunk + its branch `peer` (SPEC.md Sec. 4)."""
+        return self.teacher.deployable(peer)

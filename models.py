@@ -1,4 +1,4 @@
-"""Multi-peer networks: the student and teacher of PCL and DKEL (paper Sec. 3.2, Fig. 1(c)/(d), Fig. 3).
+"""Multi-peer networks: the student and teacher of PCL and DKEL (Sec. 3.2, Fig. 1(c)/(d), Fig. 3).
 
 A multi-peer network is a shared trunk followed by M peer branches. Peer i receives the trunk's
 features of its own augmented view x_i, runs the last stage of the architecture, pools it to the
@@ -8,10 +8,8 @@ feature f_i and classifies it to the logits s_i. The peer-ensemble head of Eq. (
 The same class builds every network the project needs (SPEC.md Sec. 5 and 6):
 - the 3-peer student (and DKEL's independent teacher, a second instance of the same class);
 - a single plain network: M = 1 and no ensemble head;
-- M independent networks (DML, KDCL): no shared trunk, every branch is a whole network;
-- the deployable model: the trunk plus one branch, cut out of a trained multi-peer network;
-- the small pieces the compared methods of Table 1 add to it (end of file): ONE's gate, CL's
-  gradient scaling of the shared feature, OKDDip's attention over peers.
+- M independent networks: no shared trunk, every branch is a whole network;
+- the deployable model: the trunk plus one branch, cut out of a trained multi-peer network.
 
 Architectures follow the authors' public code (SPEC.md Sec. 5); the split between trunk and
 branch is where that code starts its branches. Every branch is built fresh, so the peers start
@@ -38,7 +36,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut (He et al. 2016)."""
     expansion = 1
 
-    def __init__(self, in_ch: int, planes: int, stride: int = 1, width: int | None = None):
+    def __init__(self, in_ch: int, planes: int, stride: int = 1):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(in_ch, planes, stride), nn.BatchNorm2d(planes)
         self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
@@ -78,10 +76,12 @@ def _projection(in_ch: int, out_ch: int, stride: int) -> nn.Module:
 
 def res_stage(block: type, in_ch: int, planes: int, blocks: int, stride: int,
               width_factor: int = 1) -> nn.Sequential:
-    """One ResNet stage: `blocks` blocks, the first one strided."""
+    """One ResNet stage: `blocks` blocks, the first one strided; a `width_factor` widens the
+    inner convolutions of a Bottleneck (WRN-20-8)."""
     layers, ch = [], in_ch
+    wide = {"width": planes * width_factor} if width_factor != 1 else {}
     for k in range(blocks):
-        layers.append(block(ch, planes, stride if k == 0 else 1, planes * width_factor))
+        layers.append(block(ch, planes, stride if k == 0 else 1, **wide))
         ch = planes * block.expansion
     return nn.Sequential(*layers)
 
@@ -257,7 +257,7 @@ class MultiPeerNet(nn.Module):
     """Shared trunk + M peers (+ the peer-ensemble head of Eq. (3)).
 
     `shared_trunk=False` gives M independent networks (the trunk is the identity and every
-    branch carries its own copy of the trunk), used by DML and KDCL.
+    branch carries its own copy of the trunk).
     """
 
     def __init__(self, arch: str, num_classes: int, num_peers: int = 3,
@@ -273,7 +273,7 @@ class MultiPeerNet(nn.Module):
             Peer(spec.branch_body() if shared_trunk else nn.Sequential(spec.trunk(), spec.branch_body()),
                  spec.classifier(spec.feature_dim, num_classes))
             for _ in range(num_peers))
-        # Eq. (3): e = h(f_1, ..., f_M) = W [f_1; ...; f_M] + b  (stacking ensemble).
+        # The peer-ensemble head h of Eq. (3): one linear layer on the M stacked features.
         self.ensemble_head = nn.Linear(num_peers * spec.feature_dim, num_classes) if ensemble_head else None
         init_weights(self)
 
@@ -307,8 +307,8 @@ class MultiPeerNet(nn.Module):
         logits, feats = self.run_peers(trunk_out)
         ensemble = None
         if self.ensemble_head is not None:
-            # Eq. (3): stack the pooled features peer after peer, f = [f_1; ...; f_M].
-            stacked = feats.transpose(0, 1).flatten(1)               # (B, M*D)
+            stacked = feats.transpose(0, 1).flatten(1)               # (B, M*D): f_1, ..., f_M
+            # Eq. (3): e = h(f_1, ..., f_M) = W [f_1; ...; f_M] + b  (stacking ensemble).
             ensemble = self.ensemble_head(stacked)                   # (B, C)
         return PeerOutputs(logits, feats, ensemble, trunk_out)
 
@@ -343,66 +343,3 @@ def build_deployable(arch: str, num_classes: int, shared_trunk: bool = True) -> 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------- pieces of the compared methods
-# SPEC.md Sec. 6. Each method builds a MultiPeerNet above and adds at most one of these pieces.
-class GradientScale(torch.autograd.Function):
-    """CL (Song & Chai 2018, "backpropagation rescaling" of the shared intermediate-level
-    representation): identity forward, the incoming gradient times `factor` backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.factor, None
-
-
-def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """CL: with factor 1/M the trunk receives the mean, not the sum, of the M heads' gradients."""
-    return GradientScale.apply(x, factor)
-
-
-class Gate(nn.Module):
-    """ONE (Lan et al. 2018, the gate of the on-the-fly native ensemble): from the shared trunk
-    feature, g = softmax(ReLU(BN(W pool(trunk)))), one weight per branch, g_i >= 0, sum_i g_i = 1."""
-
-    def __init__(self, trunk_channels: int, num_peers: int):
-        super().__init__()
-        self.scores = nn.Sequential(global_pool(), nn.Linear(trunk_channels, num_peers),
-                                    nn.BatchNorm1d(num_peers), nn.ReLU())
-
-    def forward(self, trunk_out: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.scores(trunk_out).float(), dim=-1)       # (B, ...) -> (B, M)
-
-
-def trunk_channels(arch: str) -> int:
-    """Channels of an architecture's trunk output (the input of ONE's gate): one forward of a
-    spare trunk in eval mode."""
-    spec = ARCHS[arch]()
-    with torch.no_grad():
-        return spec.trunk().eval()(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[1]
-
-
-class PeerAttention(nn.Module):
-    """OKDDip (Chen et al. 2020, the peer ensemble teacher): attention among the A = M-1
-    auxiliary peers, alpha_ab = softmax_b((W_Q h_a) . (W_K h_b)), self included, where h_a is
-    peer a's pooled feature f_a. Letters: A auxiliary peers, P projection width.
-
-    NOTE(paper): the paper leaves the width of W_Q and W_K open; we take the authors' code,
-    P = D / 8 (64 -> 8 for resnet32), without bias and without a 1/sqrt(P) scaling.
-    """
-
-    def __init__(self, feature_dim: int, reduction: int = 8):
-        super().__init__()
-        self.query = nn.Linear(feature_dim, feature_dim // reduction, bias=False)  # W_Q
-        self.key = nn.Linear(feature_dim, feature_dim // reduction, bias=False)    # W_K
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        queries = self.query(feats).transpose(0, 1)                    # (B, A, P)
-        keys = self.key(feats).transpose(0, 1)                         # (B, A, P)
-        # alpha_ab = exp(q_a . k_b) / sum_f exp(q_a . k_f): every row sums to 1.
-        return F.softmax((queries @ keys.transpose(1, 2)).float(), dim=-1)  # (B, A, A)

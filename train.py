@@ -2,18 +2,19 @@
 
     python train.py --dataset cifar10 --arch resnet32 --beta 0.5
 
-One run builds the data (data.py), the multi-peer student and its teacher (models.py, ema.py),
-initialises an independent teacher (dk, dkel; Sec. 3.3), then epoch by epoch minimises Eq. (2)
-or Eq. (12) (losses.py) with SGD + Nesterov, updates the teacher by Eq. (5) after every optimizer
-step and evaluates every student peer, the student ensemble, every teacher peer and the teacher
-ensemble (SPEC.md Sec. 4). The run directory receives config.json, metrics.csv, checkpoint.pt
-(written atomically every epoch; --resume continues from it), deployable.pt and summary.json.
-The six compared methods of Table 1 (SPEC.md Sec. 6) run through the same loop (methods.py).
+This is where the paper is wired. One run builds the data (data.py) and the multi-peer student
+(models.py); gives it its teacher (ema.py): PCL's peer mean teacher, or the independent teacher
+of DK and DKEL, which `initialise_teacher` trains alone for k iterations first (Sec. 3.3); then
+epoch by epoch minimises Eq. (2) or Eq. (12) (losses.py), with the ramp-up r(ep) and, for DKEL,
+the decaying weight w(ep), by SGD + Nesterov, updates the teacher by Eq. (5) after every
+optimizer step, and evaluates every student peer, the student ensemble, every teacher peer and
+the teacher ensemble (SPEC.md Sec. 4). The run directory (rundir.py) receives config.json,
+metrics.csv, checkpoint.pt (every epoch; --resume continues from it), deployable.pt and
+summary.json. The six compared methods of Table 1 (baselines.py) run through the same loop.
 """
 import argparse
 import contextlib
-import csv
-import json
+import inspect
 import math
 import os
 import sys
@@ -22,60 +23,222 @@ import time
 import torch
 from tqdm import tqdm
 
+import baselines
 import data as datasets
-from losses import DECAYS, decay_weight, rampup
-from methods import METHODS, build_method
-from models import ARCHS
+from ema import IndependentTeacher, PeerMeanTeacher
+from losses import DECAYS, cross_entropy_per_peer, decay_weight, distillation_objective, rampup
+from models import ARCHS, MultiPeerNet
+from rundir import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNHEALTHY, RunStopped, config_of,
+                    restore_checkpoint, save_checkpoint, summary_table, write_json, write_metrics, write_summary)
 
 PAPER_EPOCHS = {"tinyimagenet": 100}               # Sec. 4.2; every other data set: 300
 PAPER_MILESTONES = {"tinyimagenet": (0.3, 0.6)}    # Sec. 4.2; every other data set: 50% and 75%
 PAPER_RAMPUP_FRACTION = 80 / 300                   # PCL's R = 80 of 300 epochs (SPEC.md Sec. 2)
-# Arguments that may change between a run and its resumption without changing its results.
-RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
 
 
-class RunStopped(Exception):
-    """A run cannot go on: a one-line message and the process exit code."""
+# ----------------------------------------------------------------------------- the paper's methods
+class OnlineDistillation:
+    """The multi-peer student with the ensemble head of Eq. (3), its EMA teacher, and how a step
+    and an evaluation use them. PCL, DK and DKEL differ only in the teacher (a subclass's
+    `make_teacher`), in its initialisation (`initialise`) and in whether w(ep) decays (`decays`)."""
+    min_peers = 2
+    decays = False          # Eq. (2): w(ep) = 0
+    schedules = ("rampup",)
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
+                 temperature: float, kd_weight: float, ema_decay: float, authors_ema_warmup: bool = False,
+                 compile: bool = False):
+        self.temperature, self.kd_weight = temperature, kd_weight
+        self.student = MultiPeerNet(arch, num_classes, num_peers).to(device)
+        self.teacher = self.make_teacher(ema_decay, authors_ema_warmup, compile)
+        # NHWC convolutions: the tensor cores' layout on CUDA, and about 1.3x faster than NCHW for
+        # resnet32 on this project's 2-core CPU as well (oneDNN).
+        self.student.to(memory_format=torch.channels_last)
+        self.teacher.teacher.to(memory_format=torch.channels_last)
+        self.student_forward = torch.compile(self.student) if compile else self.student
+        self.num_views = num_peers  # every peer its own augmented view (Sec. 3.2)
+
+    def initialise(self, batches) -> None:
+        """Before the first epoch: nothing (PCL)."""
+
+    def teacher_logits(self, views: torch.Tensor, student_out) -> torch.Tensor:
+        """Teacher peer logits (M, B, C), under no_grad: the teacher learns only by Eq. (5), so
+        every distillation target it gives is detached by construction."""
+        with torch.no_grad():
+            return self.teacher.logits(views, student_out)
+
+    def loss(self, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]):
+        out = self.student_forward(views)
+        teacher_logits = self.teacher_logits(views, out)
+        loss, parts = distillation_objective(out.logits, out.ensemble, teacher_logits, labels,
+                                             temperature=self.temperature, kd_weight=self.kd_weight,
+                                             rampup=weights["rampup"],
+                                             ensemble_weight=weights["w"] if self.decays else 0.0)
+        # The teacher term is L_pm (PCL's peer mean teacher) or L_dk (the independent teacher).
+        parts = {self.teacher.term if name == "teacher_kd" else name: value for name, value in parts.items()}
+        parts["correct"] = (out.logits.argmax(-1) == labels).float().mean(-1).mean()
+        parts["logit_norm"] = teacher_logits.float().norm(dim=-1).mean()  # collapse watch
+        return loss, parts
+
+    def after_step(self, step: int) -> None:
+        self.teacher.update(step)
+
+    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SPEC.md Sec. 4: every student peer, e, every teacher peer, the teacher ensemble."""
+        out = self.student(images)  # the same image to every peer
+        teacher = self.teacher_logits(images, out)
+        logits = {f"student_peer{i}": peer for i, peer in enumerate(out.logits)}
+        logits["student_ensemble"] = out.ensemble
+        logits.update({f"teacher_peer{i}": peer for i, peer in enumerate(teacher)})
+        logits["teacher_ensemble"] = teacher.float().mean(0)
+        return logits
+
+    def deployed_keys(self) -> list[str]:
+        return [f"teacher_peer{i}" for i in range(self.student.num_peers)]
+
+    def deployable(self, name: str) -> torch.nn.Module:
+        """The teacher peer of the output `name` as a plain network (SPEC.md Sec. 4)."""
+        return self.teacher.deployable(self.deployed_keys().index(name))
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student, "teacher": self.teacher.teacher}
+
+    def set_mode(self, train: bool) -> None:
+        # Teacher in train mode while training: batch-statistics BatchNorm (ema.py, Mean Teacher).
+        for module in self.modules().values():
+            module.train(train)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.student.parameters())
+
+
+class PCL(OnlineDistillation):
+    """Eq. (2): PCL's peer mean teacher (Eq. (4), L_pm), no initialisation (Table 3, row 1)."""
+    label = "PCL"
+
+    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+        return PeerMeanTeacher(self.student, ema_decay, authors_warmup)
+
+
+class DK(OnlineDistillation):
+    """Eq. (2) with L_dk of Eq. (6): the independent teacher, initialised by Sec. 3.3."""
+    label = "PCL+L_dk"
+
+    def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
+                 temperature: float, kd_weight: float, ema_decay: float, init_iters: int, init_lr: float,
+                 authors_ema_warmup: bool = False, compile: bool = False):
+        super().__init__(arch, num_classes, num_peers, device, temperature=temperature, kd_weight=kd_weight,
+                         ema_decay=ema_decay, authors_ema_warmup=authors_ema_warmup, compile=compile)
+        self.init_iters, self.init_lr = init_iters, init_lr
+
+    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+        return IndependentTeacher(self.student, ema_decay, authors_warmup, compile)
+
+    def initialise(self, batches) -> None:
+        if self.init_iters > 0:
+            initialise_teacher(self.teacher.teacher, batches, self.init_iters, self.init_lr)
+
+
+class DKEL(DK):
+    """Eq. (12): DK plus the decaying ensemble term L_de of Eq. (9), weighted by w(ep)."""
+    label = "DKEL"
+    decays = True
+    schedules = ("rampup", "w")
+
+
+def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float) -> list[float]:
+    """Sec. 3.3, step 2: train the copied teacher alone with cross-entropy for `iters` iterations
+    of plain SGD (no momentum, no weight decay) at learning rate `lr` (paper: 1 iteration at 0.01).
+
+    The loss is the mean over the teacher's peers of L_ce(t_j(x_j), y), each peer on its own view.
+    Batches are (views (M, B, 3, H, W), labels (B,)). Returns the loss of each iteration.
+    """
+    params = list(teacher.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+    teacher.train()
+    losses = []
+    batch_iter = iter(batches)
+    for _ in range(iters):
+        views, labels = next(batch_iter)
+        loss = cross_entropy_per_peer(teacher(views).logits, labels).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    for p in params:  # from here on the teacher follows Eq. (5) alone
+        p.requires_grad_(False)
+        p.grad = None
+    return losses
+
+
+# The one list of methods, in the column order of the paper's Table 1 (dk: Table 3).
+METHODS = {"dml": baselines.DML, "cl": baselines.CL, "one": baselines.ONE, "okddip": baselines.OKDDip,
+           "kdcl": baselines.KDCL, "pcl": PCL, "baseline": baselines.Baseline, "dk": DK, "dkel": DKEL}
+
+
+def build_method(args: argparse.Namespace, num_classes: int, device: torch.device):
+    """The method object of `args.method`, given the values its constructor names."""
+    method_class = METHODS[args.method]
+    values = {**vars(args), "num_classes": num_classes, "device": device}
+    names = inspect.signature(method_class).parameters
+    return method_class(**{name: values[name] for name in names})
 
 
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train DKEL, DK, PCL or a compared method of Table 1 (Shao & Chen, DKEL).",
+    p = argparse.ArgumentParser(description="Train DKEL, DK, PCL or a compared method of Table 1 "
+                                            "(Shao & Chen, DKEL).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="cifar10", choices=datasets.DATASETS, help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
+    a("--dataset", default="cifar10", choices=datasets.DATASETS,
+      help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
     a("--arch", default="resnet32", help=f"architecture (paper Sec. 4.2, SPEC.md Sec. 5): {', '.join(ARCHS)}")
-    a("--method", default="dkel", choices=METHODS, help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); the others: Table 1 (SPEC.md Sec. 6)")
-    a("--decay", default="exp", choices=DECAYS, help="w(ep) in Eq. (12): exp = Eq. (11) (paper), cos = Eq. (13), linear = Eq. (14)")
-    a("--beta", type=float, default=0.5, help="beta of Eq. (11), per epoch, never scaled (paper: 0.5, Sec. 4.2)")
-    a("--num-peers", type=int, default=3, help="number of peers, branches or networks m (paper: 3, Sec. 4.3); baseline ignores it")
+    a("--method", default="dkel", choices=list(METHODS),
+      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); the others: Table 1 "
+           "(SPEC.md Sec. 6)")
+    a("--decay", default="exp", choices=DECAYS,
+      help="w(ep) in Eq. (12): exp = Eq. (11) (paper), cos = Eq. (13), linear = Eq. (14)")
+    a("--beta", type=float, default=0.5,
+      help="beta of Eq. (11), per epoch, never scaled (paper: 0.5, Sec. 4.2)")
+    a("--num-peers", type=int, default=3,
+      help="number of peers, branches or networks m (paper: 3, Sec. 4.3); baseline ignores it")
     a("--temperature", type=float, default=3.0, help="distillation temperature T of Eq. (1) (SPEC.md: 3)")
     a("--ema-decay", type=float, default=0.999, help="EMA decay alpha of Eq. (5) (SPEC.md: 0.999)")
     a("--kd-weight", type=float, default=1.0, help="lambda of Eq. (2)/(12), from PCL (SPEC.md: 1.0)")
-    a("--rampup-epochs", type=int, default=None, help="ramp-up length R of r(ep); 0 disables (PCL: 80 of 300 epochs; default scales with --epochs)")
-    a("--init-iters", type=int, default=1, help="teacher initialisation iterations k (paper: 1, Sec. 4.2; Fig. 6: 1 to 20)")
-    a("--init-lr", type=float, default=0.01, help="teacher initialisation learning rate (paper: 0.01, Sec. 4.2; authors' code: 0.001)")
-    a("--epochs", type=int, default=None, help="epochs (paper: 300 on CIFAR, 100 on TinyImageNet, Sec. 4.2; synthetic: 300 too)")
+    a("--rampup-epochs", type=int, default=None,
+      help="ramp-up length R of r(ep); 0 disables (PCL: 80 of 300 epochs; default scales with --epochs)")
+    a("--init-iters", type=int, default=1,
+      help="teacher initialisation iterations k (paper: 1, Sec. 4.2; Fig. 6: 1 to 20)")
+    a("--init-lr", type=float, default=0.01,
+      help="teacher initialisation learning rate (paper: 0.01, Sec. 4.2; authors' code: 0.001)")
+    a("--epochs", type=int, default=None,
+      help="epochs (paper: 300 on CIFAR, 100 on TinyImageNet, Sec. 4.2; synthetic: 300 too)")
     a("--batch-size", type=int, default=128, help="batch size (paper: 128, Sec. 4.2)")
     a("--lr", type=float, default=0.1, help="initial learning rate (paper: 0.1, Sec. 4.2)")
     a("--momentum", type=float, default=0.9, help="Nesterov momentum (paper: 0.9, Sec. 4.2)")
     a("--weight-decay", type=float, default=5e-4, help="weight decay (paper: 5e-4, Sec. 4.2)")
-    a("--milestones", type=int, nargs="+", default=None, help="epochs at which lr is multiplied by 0.1 (paper: 150 225 of 300 on CIFAR, 30 60 of 100 on TinyImageNet; default scales with --epochs)")
+    a("--milestones", type=int, nargs="+", default=None,
+      help="epochs at which lr is multiplied by 0.1 (paper: 150 225 of 300 on CIFAR, 30 60 of 100 on "
+           "TinyImageNet; default scales with --epochs)")
     a("--seed", type=int, default=0, help="random seed (initialisation, data order, augmentation)")
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     a("--data-dir", default="./data", help="where the data set is, or is downloaded to")
     a("--out-dir", default=None, help="run directory (default: runs/<dataset>_<arch>_<method>_seed<seed>)")
     a("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
-    a("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs (and always after the last)")
-    a("--compile", action="store_true", help="torch.compile the forward passes of the trained networks (and teacher)")
-    a("--collapse-threshold", type=float, default=0.01, help="stop when the deployed model's mean logit norm falls below this (collapse, paper Sec. 3.3)")
-    a("--authors-rampup", action="store_true", help="authors' code: r(ep) = exp(-5(1 - ep/0.1)^2) before R, 0.1 after (SPEC.md Sec. 8)")
-    a("--authors-ema-warmup", action="store_true", help="authors' code: alpha = min(1 - 1/(step + 1), alpha) (SPEC.md Sec. 8)")
-    a("--authors-weight-cutoff", action="store_true", help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01 (SPEC.md Sec. 8)")
+    a("--eval-every", type=int, default=1,
+      help="evaluate on the test split every N epochs (and always after the last)")
+    a("--compile", action="store_true",
+      help="torch.compile the forward passes of the trained networks (and teacher)")
+    a("--collapse-threshold", type=float, default=0.01,
+      help="stop when the deployed model's mean logit norm falls below this (collapse, paper Sec. 3.3)")
+    a("--authors-rampup", action="store_true",
+      help="authors' code: r(ep) = exp(-5(1 - ep/0.1)^2) before R, 0.1 after (SPEC.md Sec. 8)")
+    a("--authors-ema-warmup", action="store_true",
+      help="authors' code: alpha = min(1 - 1/(step + 1), alpha) (SPEC.md Sec. 8)")
+    a("--authors-weight-cutoff", action="store_true",
+      help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01 (SPEC.md Sec. 8)")
     return p
 
 
@@ -94,10 +257,11 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.milestones = sorted({min(args.epochs, max(1, round(f * args.epochs))) for f in fractions})
     if args.rampup_epochs is None:
         args.rampup_epochs = round(PAPER_RAMPUP_FRACTION * args.epochs)
+    min_peers = METHODS[args.method].min_peers
     checks = [
         (args.beta < 0, f"--beta must be >= 0, got {args.beta}"),
-        (args.num_peers < 2 and args.method != "baseline", f"--method {args.method} needs --num-peers >= 2, got {args.num_peers}"),
-        (args.num_peers < 3 and args.method == "okddip", f"--method okddip needs --num-peers >= 3 (2 auxiliary peers + the leader), got {args.num_peers}"),
+        (args.num_peers < min_peers,
+         f"--method {args.method} needs --num-peers >= {min_peers}, got {args.num_peers}"),
         (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
         (not 0.0 <= args.ema_decay <= 1.0, f"--ema-decay must be in [0, 1], got {args.ema_decay}"),
         (args.kd_weight < 0, f"--kd-weight must be >= 0, got {args.kd_weight}"),
@@ -106,9 +270,11 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.lr <= 0 or args.init_lr <= 0, "--lr and --init-lr must be > 0"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.eval_every < 1, f"--eval-every must be >= 1, got {args.eval_every}"),
-        (args.weight_decay < 0 or not 0.0 <= args.momentum < 1.0, "--weight-decay must be >= 0 and --momentum in [0, 1)"),
+        (args.weight_decay < 0 or not 0.0 <= args.momentum < 1.0,
+         "--weight-decay must be >= 0 and --momentum in [0, 1)"),
         (any(not 1 <= m <= args.epochs for m in args.milestones),
-         f"--milestones {' '.join(map(str, args.milestones))} must lie within 1..{args.epochs} (--epochs {args.epochs})"),
+         f"--milestones {' '.join(map(str, args.milestones))} must lie within 1..{args.epochs} "
+         f"(--epochs {args.epochs})"),
     ]
     for bad, message in checks:
         if bad:
@@ -117,7 +283,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    args.out_dir = args.out_dir or os.path.join("runs", f"{args.dataset}_{args.arch}_{args.method}_seed{args.seed}")
+    default_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{args.method}_seed{args.seed}")
+    args.out_dir = args.out_dir or default_dir
     return args
 
 
@@ -142,36 +309,44 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """All randomness of an epoch's data (order, crops, flips) from (seed, epoch) alone, so a
-    resumed run sees exactly the batches an uninterrupted one would."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1)
+def sgd(parameters, *, lr: float, momentum: float, weight_decay: float, device: torch.device):
+    """SGD with Nesterov momentum (paper Sec. 4.2); one fused kernel on CUDA."""
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=momentum > 0, fused=device.type == "cuda")
+
+
+def train_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float],
+               step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step of the student, then the teacher's Eq. (5); no host-device sync."""
+    with autocast(views.device):
+        loss, parts = method.loss(views, labels, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    method.after_step(step)
+    return loss, parts
 
 
 def train_epoch(args, method, optimizer, data, epoch: int, state: dict) -> dict:
     """One epoch; the device is synchronised once, at its end, for the logged means."""
     weights = epoch_weights(args, epoch)
     batches = datasets.train_batches(data, args.batch_size, method.num_views,
-                                     epoch_generator(args.seed, epoch, data.device))
+                                     datasets.epoch_generator(args.seed, epoch, data.device))
     num_batches = datasets.num_train_batches(data, args.batch_size)
     totals: dict[str, torch.Tensor] = {}
     method.set_mode(True)
     start = time.perf_counter()
     for views, labels in tqdm(batches, total=num_batches, desc=f"epoch {epoch + 1}/{args.epochs}",
                               leave=False, dynamic_ncols=True, file=sys.stderr):
-        with autocast(data.device):
-            loss, parts = method.loss(views, labels, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.after_step(state["step"])
+        loss, parts = train_step(method, optimizer, views, labels, weights, state["step"])
         state["step"] += 1
         for name, value in {"loss": loss.detach(), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value.float()
     means = {name: value.item() / num_batches for name, value in totals.items()}  # the one sync
     seconds = time.perf_counter() - start
     means["train_acc"] = 100.0 * means.pop("correct")
-    return {**weights, **means, "epoch_seconds": seconds, "images_per_s": num_batches * args.batch_size / seconds}
+    return {**weights, **means, "epoch_seconds": seconds,
+            "images_per_s": num_batches * args.batch_size / seconds}
 
 
 @torch.no_grad()
@@ -195,147 +370,36 @@ def check_health(args, row: dict) -> None:
     """Stop on a non-finite loss or on collapse (Sec. 3.3: all logits shrink to zero)."""
     if not math.isfinite(row["loss"]):
         raise RunStopped(f"the loss became {row['loss']} in epoch {row['epoch']}; the checkpoint of the last "
-                         f"good epoch is kept in {args.out_dir} (try a lower --lr)", 3)
+                         f"good epoch is kept in {args.out_dir} (try a lower --lr)", EXIT_UNHEALTHY)
     if row["logit_norm"] < args.collapse_threshold:
         raise RunStopped(f"collapse in epoch {row['epoch']}: the deployed model's mean logit norm is "
                          f"{row['logit_norm']:.2e} < --collapse-threshold {args.collapse_threshold} "
-                         f"(paper Sec. 3.3); the last good checkpoint is kept in {args.out_dir}", 3)
-
-
-# ----------------------------------------------------------------------------- run directory
-def config_of(args: argparse.Namespace, device: torch.device) -> dict:
-    return {**vars(args), "torch": str(torch.__version__), "device_name":
-            torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-
-
-def same_config(saved: dict, current: dict) -> list[str]:
-    ignored = RESUMABLE | {"torch", "device_name"}
-    return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, binary: bool = False):
-    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
-        yield f
-    os.replace(tmp, path)
-
-
-def atomic_save(obj, path: str) -> None:
-    with atomic_write(path, binary=True) as f:
-        torch.save(obj, f)
-
-
-def write_json(obj, path: str) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2)
-
-
-def write_metrics(path: str, history: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    with atomic_write(path) as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def load_checkpoint(path: str, config: dict, args: argparse.Namespace) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint["config"]
-    except Exception as error:  # any unreadable file is a corrupt checkpoint to the user
-        raise RunStopped(f"cannot read the checkpoint {path} ({type(error).__name__}); delete the run "
-                         f"directory or choose another --out-dir", 2) from None
-    differing = same_config(saved, config)
-    if differing:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in differing[:4])
-        raise RunStopped(f"the checkpoint in {args.out_dir} was made with a different configuration ({details}); "
-                         f"resume with the original flags or choose another --out-dir", 2)
-    return checkpoint
+                         f"(paper Sec. 3.3); the last good checkpoint is kept in {args.out_dir}",
+                         EXIT_UNHEALTHY)
 
 
 def start_or_resume(args, method, optimizer, scheduler, data, config: dict) -> dict:
     """A fresh run (teacher initialisation included) or the state of the checkpoint."""
-    path = os.path.join(args.out_dir, "checkpoint.pt")
     if not args.resume:
-        if os.path.exists(path):
+        if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")):
             raise RunStopped(f"{args.out_dir} already holds a run; add --resume to continue it, "
-                             f"or choose another --out-dir", 2)
+                             f"or choose another --out-dir", EXIT_BAD_INPUT)
         os.makedirs(args.out_dir, exist_ok=True)
         write_json(config, os.path.join(args.out_dir, "config.json"))
-        method.initialise(repeated_batches(args, data, method.num_views))
+        method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))
         return {"epoch": 0, "step": 0, "history": []}
-    if not os.path.exists(path):
-        raise RunStopped(f"--resume: no checkpoint in {args.out_dir}; run without --resume to start it", 2)
-    checkpoint = load_checkpoint(path, config, args)
-    for name, module in method.modules().items():
-        module.load_state_dict(checkpoint[name])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    torch.set_rng_state(checkpoint["rng_cpu"])
-    if torch.cuda.is_available() and checkpoint.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
-    return {k: checkpoint[k] for k in ("epoch", "step", "history")}
+    return restore_checkpoint(args.out_dir, config, method.modules(), optimizer, scheduler)
 
 
-def repeated_batches(args, data, num_views: int):
-    """The teacher initialisation's batches: their own seeded order, repeated as long as needed."""
-    while True:
-        yield from datasets.train_batches(data, args.batch_size, num_views,
-                                          epoch_generator(args.seed, -1, data.device))
-
-
-def save_checkpoint(args, method, optimizer, scheduler, state: dict, config: dict) -> None:
-    checkpoint = {name: module.state_dict() for name, module in method.modules().items()}
-    checkpoint.update(state, config=config, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                      rng_cpu=torch.get_rng_state(),
-                      rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    atomic_save(checkpoint, os.path.join(args.out_dir, "checkpoint.pt"))
-
-
-def finish(args, method, data, history: list[dict]) -> dict:
-    """summary.json and deployable.pt: the headline is the deployed model at the final epoch (for
-    pcl/dk/dkel the mean over teacher peers); the paper's convention (the best deployed output at
-    its best epoch) is reported beside it."""
-    final = history[-1]
-    keys = method.deployed_keys()
-    best_peer = max(keys, key=lambda k: final[f"acc_{k}"])
-    evaluated = [row for row in history if "acc_deployed_mean" in row]
-    best_epoch_value, best_epoch, best_key = max((row[f"acc_{k}"], row["epoch"], k) for row in evaluated for k in keys)
-    peer_index = keys.index(best_peer)
-    atomic_save(method.deployable(peer_index).state_dict(), os.path.join(args.out_dir, "deployable.pt"))
-    summary = {
-        "method": args.method, "dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
-        "final": {k: v for k, v in final.items() if k.startswith("acc_")},
-        "best": {k[4:]: max(row[k] for row in evaluated) for k in final if k.startswith("acc_")},
-        "headline_final_deployed_mean": final["acc_deployed_mean"],
-        "paper_convention_best_peer_best_epoch": {"acc": best_epoch_value, "epoch": best_epoch, "output": best_key},
-        "deployable": {"file": "deployable.pt", "output": best_peer, "arch": args.arch,
-                       "num_classes": data.num_classes, "load": "models.build_deployable(arch, num_classes)"},
-        "train_seconds": sum(row["epoch_seconds"] for row in history),
-    }
-    write_json(summary, os.path.join(args.out_dir, "summary.json"))
-    return summary
-
-
-def epoch_line(row: dict, epochs: int, history: list[dict]) -> str:
+def epoch_line(row: dict, epochs: int, history: list[dict], schedules: tuple[str, ...]) -> str:
     seconds = sum(r["epoch_seconds"] for r in history) / len(history)
-    losses = " ".join(f"{k}={row[k]:.3f}" for k in ("loss", "ce", "ce_ensemble", "ce_leader", "pe", "pm", "dk", "de", "kd", "kd_leader") if k in row)
+    weights = "".join(f" {'r' if name == 'rampup' else name}={row[name]:.3f}" for name in schedules)
+    names = ("loss", "ce", "ce_ensemble", "ce_leader", "pe", "pm", "dk", "de", "kd", "kd_leader")
+    losses = " ".join(f"{k}={row[k]:.3f}" for k in names if k in row)
     test = f" | test deployed {row['acc_deployed_mean']:.2f}%" if "acc_deployed_mean" in row else ""
-    return (f"epoch {row['epoch']}/{epochs} lr={row['lr']:.4g} w={row['w']:.3f} r={row['rampup']:.3f} {losses} "
+    return (f"epoch {row['epoch']}/{epochs} lr={row['lr']:.4g}{weights} {losses} "
             f"train {row['train_acc']:.2f}%{test} | {row['images_per_s']:.0f} img/s, "
             f"ETA {(epochs - row['epoch']) * seconds / 60:.1f} min")
-
-
-def summary_table(summary: dict) -> str:
-    lines = [f"{'output':<22} {'final':>7} {'best':>7}"]
-    lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}" for k, v in summary["final"].items()]
-    best = summary["paper_convention_best_peer_best_epoch"]
-    lines.append(f"headline (deployed model, final epoch; pcl/dk/dkel: mean over teacher peers): {summary['headline_final_deployed_mean']:.2f}%")
-    lines.append(f"paper's convention (best deployed output at its best epoch): {best['acc']:.2f}% "
-                 f"({best['output']}, epoch {best['epoch']})")
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -345,11 +409,10 @@ def run(args: argparse.Namespace) -> dict:
     try:
         data = datasets.load_data(args.dataset, args.data_dir, device, seed=args.seed)
     except datasets.DataError as error:
-        raise RunStopped(str(error), 2) from None
+        raise RunStopped(str(error), EXIT_BAD_INPUT) from None
     method = build_method(args, data.num_classes, device)
-    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=args.momentum > 0,
-                                fused=device.type == "cuda")
+    optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
+                    weight_decay=args.weight_decay, device=device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     config = config_of(args, device)
     state = start_or_resume(args, method, optimizer, scheduler, data, config)
@@ -362,10 +425,10 @@ def run(args: argparse.Namespace) -> dict:
         scheduler.step()
         state["history"].append(row)
         state["epoch"] = epoch + 1
-        save_checkpoint(args, method, optimizer, scheduler, state, config)
+        save_checkpoint(args.out_dir, method.modules(), optimizer, scheduler, state, config)
         write_metrics(os.path.join(args.out_dir, "metrics.csv"), state["history"])
-        print(epoch_line(row, args.epochs, state["history"]), flush=True)
-    return finish(args, method, data, state["history"])
+        print(epoch_line(row, args.epochs, state["history"], method.schedules), flush=True)
+    return write_summary(args, method, data.num_classes, state["history"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: every finished epoch is saved in {args.out_dir}; continue with the same "
               f"command plus --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(summary_table(summary))
     return 0
 

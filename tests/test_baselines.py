@@ -1,17 +1,17 @@
 """The compared methods of Table 1 (SPEC.md Sec. 6): each objective against an explicit loop over
 networks or pairs and a case worked by hand, gradient flow (detached targets, CL's 1/M scaling,
 OKDDip's attention), and one training step through every method object."""
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import methods
 import train
-from losses import (attention_targets, baseline_loss, cl_loss, dml_loss, kdcl_loss, min_logit_target,
-                    okddip_loss, one_loss)
-from models import Gate, MultiPeerNet, PeerAttention, build_deployable, scale_gradient
+from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss, kdcl_loss,
+                       min_logit_target, okddip_loss, one_loss, scale_gradient)
+from models import MultiPeerNet, build_deployable
 
 T = 3.0
 
@@ -63,8 +63,8 @@ def test_dml_equals_pair_loop_with_detached_targets():
     assert_same(lambda z: dml_loss(z, y, temperature=T, kd_weight=0.7), loop, z)
     # The check has power: the same loop without the detach has a different gradient.
     def attached(z):
-        return sum(F.cross_entropy(z[k], y) + 0.7 * sum(kl_reference(z[l], z[k]) for l in range(3) if l != k) / 2
-                   for k in range(3))
+        return sum(F.cross_entropy(z[k], y)
+                   + 0.7 * sum(kl_reference(z[l], z[k]) for l in range(3) if l != k) / 2 for k in range(3))
 
     assert not torch.allclose(value_and_grad(loop, z)[1], value_and_grad(attached, z)[1], atol=1e-4)
 
@@ -82,11 +82,12 @@ def test_kdcl_equals_network_loop():
     z, y = stack(seed=1)
 
     def loop(z):
-        target = torch.stack([torch.stack([min(z[k, n, c] - z[k, n, y[n]] for k in range(3)) for c in range(4)])
+        target = torch.stack([torch.stack([min(z[k, n, c] - z[k, n, y[n]] for k in range(3))
+                                           for c in range(4)])
                               for n in range(5)]).detach()             # (B, C), by scalar loops
         return sum(F.cross_entropy(z[k], y) + 0.6 * 0.5 * kl_reference(target, z[k]) for k in range(3))
 
-    assert_same(lambda z: kdcl_loss(z, y, temperature=T, kd_weight=0.6, rampup_weight=0.5), loop, z)
+    assert_same(lambda z: kdcl_loss(z, y, temperature=T, kd_weight=0.6, rampup=0.5), loop, z)
 
 
 def test_one_equals_branch_loop():
@@ -94,12 +95,12 @@ def test_one_equals_branch_loop():
     ensemble = torch.randn(5, 4)
 
     def loop(z):
-        return (F.cross_entropy(ensemble, y) + sum(F.cross_entropy(z[i], y) + 0.4 * kl_reference(ensemble, z[i])
-                                                   for i in range(3)))
+        return (F.cross_entropy(ensemble, y)
+                + sum(F.cross_entropy(z[i], y) + 0.4 * kl_reference(ensemble, z[i]) for i in range(3)))
 
-    assert_same(lambda z: one_loss(z, ensemble, y, temperature=T, kd_weight=0.8, rampup_weight=0.5), loop, z)
+    assert_same(lambda z: one_loss(z, ensemble, y, temperature=T, kd_weight=0.8, rampup=0.5), loop, z)
     # The gated ensemble learns from its own cross-entropy only: L_kd(z_e, z_i) is detached in z_e.
-    _, ensemble_grad = value_and_grad(lambda e: one_loss(z, e, y, temperature=T, kd_weight=1.0, rampup_weight=1.0),
+    _, ensemble_grad = value_and_grad(lambda e: one_loss(z, e, y, temperature=T, kd_weight=1.0, rampup=1.0),
                                       ensemble)
     _, ce_grad = value_and_grad(lambda e: F.cross_entropy(e, y), ensemble)
     assert torch.allclose(ensemble_grad, ce_grad, atol=1e-7)
@@ -122,7 +123,7 @@ def test_cl_equals_head_loop():
             total = total + F.cross_entropy(z[h], y) + 0.5 * kl_reference(target, z[h])
         return total
 
-    assert_same(lambda z: cl_loss(z, y, temperature=T, kd_weight=1.0, rampup_weight=0.5), loop, z)
+    assert_same(lambda z: cl_loss(z, y, temperature=T, kd_weight=1.0, rampup=0.5), loop, z)
 
 
 def test_okddip_attention_by_hand():
@@ -134,7 +135,8 @@ def test_okddip_attention_by_hand():
     feats[0, 0, 0], feats[1, 0, 0] = 1.0, 2.0
     alpha = attention(feats)[0]                                         # q.k: [[1, 2], [2, 4]]
     e = math.e
-    assert torch.allclose(alpha, torch.tensor([[1 / (1 + e), e / (1 + e)], [1 / (1 + e ** 2), e ** 2 / (1 + e ** 2)]]))
+    assert torch.allclose(alpha, torch.tensor([[1 / (1 + e), e / (1 + e)],
+                                               [1 / (1 + e ** 2), e ** 2 / (1 + e ** 2)]]))
     assert torch.allclose(attention(torch.randn(3, 5, 8)).sum(-1), torch.ones(5, 3))  # every row sums to 1
 
 
@@ -158,7 +160,7 @@ def test_okddip_equals_peer_loop_target_not_detached():
         return total
 
     def objective(z, alpha):
-        return okddip_loss(z[:3], z[3], alpha, y, temperature=T, kd_weight=1.0, rampup_weight=0.5)
+        return okddip_loss(z[:3], z[3], alpha, y, temperature=T, kd_weight=1.0, rampup=0.5)
 
     assert_same(objective, loop, z, alpha)
     # Gradient reaches the attention through t_a, exactly as in the loop.
@@ -171,7 +173,7 @@ def test_okddip_attention_weights_receive_gradient():
     attention = PeerAttention(feature_dim=16)
     z, y = stack(m=3, seed=5)
     feats = torch.randn(2, 5, 16)
-    loss, _ = okddip_loss(z[:2], z[2], attention(feats), y, temperature=T, kd_weight=1.0, rampup_weight=1.0)
+    loss, _ = okddip_loss(z[:2], z[2], attention(feats), y, temperature=T, kd_weight=1.0, rampup=1.0)
     loss.backward()
     assert attention.query.weight.grad.abs().sum() > 0 and attention.key.weight.grad.abs().sum() > 0
 
@@ -191,7 +193,8 @@ def test_shared_feature_gradient_is_one_mth_of_unscaled():
     net = MultiPeerNet("resnet8", 5, 3, ensemble_head=False).eval()
     feature = net.run_trunk(torch.randn(2, 3, 32, 32)).detach().requires_grad_(True)  # (1, B, ...)
     weight = torch.randn(3, 2, 5)
-    (scaled,) = torch.autograd.grad((net.run_peers(scale_gradient(feature, 1.0 / 3))[0] * weight).sum(), feature)
+    scaled_logits = net.run_peers(scale_gradient(feature, 1.0 / 3))[0]
+    (scaled,) = torch.autograd.grad((scaled_logits * weight).sum(), feature)
     (unscaled,) = torch.autograd.grad((net.run_peers(feature)[0] * weight).sum(), feature)
     assert unscaled.abs().sum() > 0 and torch.equal(scaled, unscaled * (1.0 / 3))
 
@@ -205,16 +208,20 @@ def test_cl_method_scales_its_trunk_gradient():
     loss, _ = method.objective(method.outputs(images), labels, weights)
     (scaled,) = torch.autograd.grad(loss, captured[0])
     logits, _ = method.net.run_peers(captured[0].unsqueeze(0))          # the same feature, unscaled
-    (unscaled,) = torch.autograd.grad(cl_loss(logits, labels, **method.distill_scale(weights))[0], captured[0])
+    unscaled_loss = cl_loss(logits, labels, **method.distill_scale(weights))[0]
+    (unscaled,) = torch.autograd.grad(unscaled_loss, captured[0])
     assert torch.allclose(scaled, unscaled / 3, rtol=1e-5, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- method objects
-def build(method, *extra):
-    args = train.resolve_args(["--method", method, "--dataset", "synthetic", "--arch", "resnet8",
-                               "--device", "cpu", "--epochs", "2", *extra])
+def build(method, **values):
+    """A compared method on resnet8, 10 classes, with the values its constructor asks for."""
     torch.manual_seed(0)
-    return methods.build_method(args, 10, torch.device("cpu"))
+    values = {"arch": "resnet8", "num_classes": 10, "num_peers": 3, "device": torch.device("cpu"),
+              "temperature": T, "kd_weight": 1.0, **values}
+    method_class = train.METHODS[method]
+    return method_class(**{name: values[name] for name in inspect.signature(method_class).parameters
+                           if name in values})
 
 
 PEERS = ["student_peer0", "student_peer1", "student_peer2"]
@@ -228,8 +235,10 @@ EXPECTED = {  # method: (views, eval keys, deployed key)
 }
 
 
-def test_methods_are_listed_for_the_command_line():
-    assert methods.METHODS == ("dkel", "dk", "pcl", "baseline", "dml", "kdcl", "one", "cl", "okddip")
+def test_methods_are_listed_once_in_the_papers_order():
+    assert list(train.METHODS) == ["dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk", "dkel"]
+    assert train.build_parser().parse_args(["--method", "okddip"]).method == "okddip"
+    assert [train.METHODS[m].label for m in ("dk", "dkel", "okddip")] == ["PCL+L_dk", "DKEL", "OKDDip"]
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -253,7 +262,7 @@ def test_one_training_step_and_evaluation(name):
         assert list(logits) == keys and method.deployed_keys() == [deployed]
         assert all(v.shape == (4, 10) for v in logits.values())
         # The exported model reproduces its output and loads into a freshly built deployable.
-        exported = method.deployable(0).eval()
+        exported = method.deployable(deployed).eval()
         assert torch.allclose(exported(views[0]), logits[deployed], atol=1e-5)
         rebuilt = build_deployable("resnet8", 10)
         rebuilt.load_state_dict(exported.state_dict())
@@ -262,7 +271,7 @@ def test_one_training_step_and_evaluation(name):
 
 def test_independent_networks_export_for_either_build_deployable():
     method = build("dml")
-    state = method.deployable(0).state_dict()
+    state = method.deployable("student_peer0").state_dict()
     build_deployable("resnet8", 10, shared_trunk=False).load_state_dict(state)
     build_deployable("resnet8", 10).load_state_dict(state)
 
@@ -283,4 +292,5 @@ def test_kdcl_gives_network_k_view_k_and_one_the_gated_ensemble():
 
 
 def test_baseline_ignores_num_peers():
-    assert build("baseline", "--num-peers", "5").net.num_peers == 1
+    args = train.resolve_args(["--method", "baseline", "--num-peers", "5", "--device", "cpu"])
+    assert train.build_method(args, 10, torch.device("cpu")).net.num_peers == 1

@@ -5,13 +5,8 @@ import os
 import pytest
 
 import compare
-import train
-from test_train import tiny_data
 
-
-@pytest.fixture(autouse=True)
-def small_data(monkeypatch):
-    monkeypatch.setattr(train.datasets, "load_data", tiny_data)
+pytestmark = pytest.mark.usefixtures("small_data")
 
 
 def test_paper_numbers_transcribed_from_spec():
@@ -35,7 +30,7 @@ def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
     mean = (finals[0] + finals[1]) / 2
     std = abs(finals[0] - finals[1]) / 2 ** 0.5  # sample std of two values
     table = (tmp_path / "compare_synthetic.md").read_text()
-    assert f"| resnet8 | " in table and f"{mean:.2f}±{std:.2f} (n=2)" in table
+    assert "| resnet8 | " in table and f"{mean:.2f}±{std:.2f} (n=2)" in table
     assert (tmp_path / "compare_synthetic.png").stat().st_size > 1000
     # Read-only: a run that does not exist is listed, not skipped, and the exit code says so.
     assert compare.main(argv[:6] + ["--seeds", "0", "7", "--read-only", "--runs-dir", str(tmp_path)]) == 1

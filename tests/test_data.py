@@ -204,8 +204,8 @@ def test_cifar_loads_torchvision_layout(name, tmp_path, monkeypatch, offline):
         return [[n, md5(tmp_path / folder / n)] for n in files]
     monkeypatch.setattr(dataset_class, "train_list", listing(train_files))
     monkeypatch.setattr(dataset_class, "test_list", listing(test_files))
-    monkeypatch.setattr(dataset_class, "meta", {**dataset_class.meta,
-                                                "md5": md5(tmp_path / folder / dataset_class.meta["filename"])})
+    meta_md5 = md5(tmp_path / folder / dataset_class.meta["filename"])
+    monkeypatch.setattr(dataset_class, "meta", {**dataset_class.meta, "md5": meta_md5})
     loaded = data.load_data(name, str(tmp_path), "cpu")
     for files, images, labels in ((train_files, loaded.train_images, loaded.train_labels),
                                   (test_files, loaded.test_images, loaded.test_labels)):

@@ -16,7 +16,8 @@ RESNET32_BRANCH = 353664 + 6500
 
 
 def test_resnet32_parameter_counts_by_hand():
-    assert count_parameters(MultiPeerNet("resnet32", 100, 1, ensemble_head=False)) == RESNET32_TRUNK + RESNET32_BRANCH
+    single = MultiPeerNet("resnet32", 100, 1, ensemble_head=False)
+    assert count_parameters(single) == RESNET32_TRUNK + RESNET32_BRANCH
     three = MultiPeerNet("resnet32", 100, 3)
     head = 3 * 64 * 100 + 100
     assert count_parameters(three) == RESNET32_TRUNK + 3 * RESNET32_BRANCH + head
@@ -33,7 +34,8 @@ def test_tiny_resnets_match_torchvision_counts(arch, reference):
 
 def test_independent_networks_are_m_plain_networks():
     single = count_parameters(MultiPeerNet("resnet20", 10, 1, ensemble_head=False))
-    assert count_parameters(MultiPeerNet("resnet20", 10, 3, ensemble_head=False, shared_trunk=False)) == 3 * single
+    independent = MultiPeerNet("resnet20", 10, 3, ensemble_head=False, shared_trunk=False)
+    assert count_parameters(independent) == 3 * single
 
 
 def test_branches_are_built_fresh():

@@ -2,29 +2,17 @@
 import csv
 import json
 import os
-from dataclasses import replace
 
 import pytest
 import torch
 
 import data as datasets
-import methods
 import train
+from conftest import tiny_data
 from models import build_deployable
 
-REAL_LOAD = datasets.load_data
-
-
-def tiny_data(name, data_dir, device, seed=0):
-    """256 training and 128 test images of the synthetic set (keeps each epoch about a second)."""
-    full = REAL_LOAD("synthetic", data_dir, device, seed)
-    return replace(full, train_images=full.train_images[:256], train_labels=full.train_labels[:256],
-                   test_images=full.test_images[:128], test_labels=full.test_labels[:128])
-
-
-@pytest.fixture(autouse=True)
-def small_data(monkeypatch):
-    monkeypatch.setattr(train.datasets, "load_data", tiny_data)
+pytestmark = pytest.mark.usefixtures("small_data")
+RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json"}
 
 
 def args_for(out_dir, *extra):
@@ -40,15 +28,17 @@ def read_metrics(out_dir):
 @pytest.mark.parametrize("method", ["pcl", "dk", "dkel"])
 def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
     assert train.main(args_for(tmp_path, "--method", method)) == 0
-    assert {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json"} <= set(os.listdir(tmp_path))
+    assert RUN_FILES <= set(os.listdir(tmp_path))
     rows = read_metrics(tmp_path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    for key in ("lr", "w", "rampup", "loss", "ce", "pe", "train_acc", "acc_student_peer0", "acc_student_ensemble",
+    for key in ("lr", "w", "rampup", "loss", "ce", "pe", "train_acc", "acc_student_peer0",
+                "acc_student_ensemble",
                 "acc_teacher_peer2", "acc_teacher_ensemble", "epoch_seconds", "images_per_s"):
         assert key in rows[0], key
     assert ("de" in rows[0]) == (method == "dkel")
     config = json.load(open(tmp_path / "config.json"))
-    assert config["method"] == method and config["milestones"] == [1, 2] and config["torch"] == torch.__version__
+    assert config["method"] == method and config["milestones"] == [1, 2]
+    assert config["torch"] == torch.__version__
     summary = json.load(open(tmp_path / "summary.json"))
     final = summary["final"]
     teacher_accs = [final[f"acc_teacher_peer{i}"] for i in range(3)]
@@ -69,7 +59,7 @@ def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
                                              ("cl", "student_peer0"), ("okddip", "leader")])
 def test_table1_method_one_epoch_run(tmp_path, method, deployed):
     assert train.main(args_for(tmp_path, "--method", method, "--epochs", "1")) == 0
-    assert {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json"} <= set(os.listdir(tmp_path))
+    assert RUN_FILES <= set(os.listdir(tmp_path))
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["deployable"]["output"] == deployed
     assert summary["headline_final_deployed_mean"] == summary["final"][f"acc_{deployed}"]
@@ -101,7 +91,8 @@ def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch):
             assert torch.equal(value, b[name][key]), f"{name}.{key}"
     timing = {"epoch_seconds", "images_per_s"}
     for row_a, row_b in zip(read_metrics(straight), read_metrics(resumed)):
-        assert {k: v for k, v in row_a.items() if k not in timing} == {k: v for k, v in row_b.items() if k not in timing}
+        assert ({k: v for k, v in row_a.items() if k not in timing}
+                == {k: v for k, v in row_b.items() if k not in timing})
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -141,20 +132,21 @@ def test_collapse_stops_the_run(tmp_path, capsys):
 
 
 def test_teacher_changes_only_by_eq5_after_initialisation():
-    args = train.resolve_args(args_for("unused"))
     data = tiny_data("synthetic", "", "cpu")
-    method = methods.OnlineDistillation(args, 10, torch.device("cpu"))
+    method = train.DKEL("resnet8", 10, 3, torch.device("cpu"), temperature=3.0, kd_weight=1.0,
+                        ema_decay=0.999, init_iters=1, init_lr=0.01)
     optimizer = torch.optim.SGD(method.student.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     views, labels = next(datasets.train_batches(data, 32, 3, torch.Generator().manual_seed(0)))
     method.set_mode(True)
-    before = [p.clone() for p in method.ema.teacher.parameters()]
+    teacher = method.teacher.teacher
+    before = [p.clone() for p in teacher.parameters()]
     loss, _ = method.loss(views, labels, {"rampup": 1.0, "w": 0.5})
     loss.backward()
-    assert all(p.grad is None for p in method.ema.teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
     optimizer.step()
     method.after_step(0)
     student = dict(method.student.named_parameters())
-    for (name, p), p0 in zip(method.ema.teacher.named_parameters(), before):
+    for (name, p), p0 in zip(teacher.named_parameters(), before):
         assert torch.allclose(p, 0.999 * p0 + 0.001 * student[name], rtol=0, atol=1e-6), name
 
 
