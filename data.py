@@ -61,6 +61,8 @@ class ImageData:
     num_classes: int
     # The compute device; it differs from train_images.device only in the pinned fallback.
     device: torch.device | None = None
+    val_images: torch.Tensor | None = None  # (N_val, 3, H, W) uint8 held out of training (--val-size)
+    val_labels: torch.Tensor | None = None  # (N_val,) int64
 
     def __post_init__(self):
         if self.device is None:
@@ -125,7 +127,11 @@ def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def num_train_batches(data: ImageData, batch_size: int) -> int:
-    """Batches per training epoch (drop_last)."""
+    """Batches per training epoch (drop_last).
+
+    NOTE(paper): the authors' loader keeps the last partial batch (391 steps per CIFAR epoch at
+    batch 128); this project drops it (390), so every step has the same shapes.
+    """
     return len(data.train_labels) // batch_size
 
 
@@ -160,16 +166,48 @@ def repeated_batches(data: ImageData, batch_size: int, num_views: int, seed: int
         yield from train_batches(data, batch_size, num_views, epoch_generator(seed, -1, data.device))
 
 
-def test_batches(data: ImageData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test split in order, last batch kept: (images (B, 3, H, W) float32, labels (B,))."""
+def test_batches(data: ImageData, batch_size: int, split: str = "test"
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The test (or "val") split in order, last batch kept: (images (B, 3, H, W) float32, labels (B,))."""
     shift, scale = normaliser(data.mean, data.std, data.device)
-    for start in range(0, len(data.test_labels), batch_size):
-        images = _to_device(data.test_images[start:start + batch_size], data.device)
+    all_images, all_labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+    for start in range(0, len(all_labels), batch_size):
+        images = _to_device(all_images[start:start + batch_size], data.device)
         images = images.contiguous(memory_format=torch.channels_last)  # NHWC, as the networks
-        yield normalise(images, shift, scale), data.test_labels[start:start + batch_size]
+        yield normalise(images, shift, scale), all_labels[start:start + batch_size]
+
+
+def hold_out_validation(data: ImageData, val_size: int, seed: int) -> ImageData:
+    """Move `val_size` training images, stratified by class and fixed by `seed`, into a validation
+    split (--val-size): class c gets val_size * N_c / N, rounded by largest remainder."""
+    labels = data.train_labels.cpu()
+    counts = torch.bincount(labels, minlength=data.num_classes).double()      # (C,)
+    quotas = counts * val_size / len(labels)                                  # (C,)
+    shares = quotas.floor().long()
+    shares[torch.argsort(quotas - shares, descending=True)[:val_size - int(shares.sum())]] += 1
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    rank = torch.empty_like(order)  # position of each image among its class in the shuffled order
+    for c in range(data.num_classes):
+        members = order[labels[order] == c]
+        rank[members] = torch.arange(len(members))
+    is_val = rank < shares[labels]                                            # (N,)
+    split = {}
+    for prefix, rows in (("train", (~is_val).nonzero().squeeze(1)), ("val", is_val.nonzero().squeeze(1))):
+        split[f"{prefix}_images"] = data.train_images.index_select(0, rows.to(data.train_images.device))
+        split[f"{prefix}_labels"] = data.train_labels.index_select(0, rows.to(data.train_labels.device))
+    return replace(data, **split)
 
 
 # ---------------------------------------------------------------- loading
+
+def check_batch_size(data: ImageData, batch_size: int, val_size: int = 0) -> None:
+    """Refuse a batch larger than the training set (less the validation split): an epoch would
+    hold no batch (drop_last)."""
+    available, held = len(data.train_labels) - val_size, f" less --val-size {val_size}" if val_size else ""
+    if available < batch_size:
+        raise DataError(f"--batch-size {batch_size} is larger than the training set of {data.name}{held} "
+                        f"({available} images, fewer than one batch); choose a smaller size")
+
 
 def load_data(name: str, data_dir: str, device: torch.device | str, seed: int = 0) -> ImageData:
     """Load a data set onto `device`; raise DataError with one line when that fails."""
@@ -195,6 +233,10 @@ def _place(data: ImageData, device: torch.device) -> ImageData:
 def _load_cifar(name: str, data_dir: str, seed: int) -> ImageData:
     """CIFAR-10/100 through torchvision (downloaded and md5-checked on first use)."""
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        os.makedirs(data_dir, exist_ok=True)  # a download's folder (an existing read-only one is fine)
+    except OSError as error:
+        raise DataError(f"--data-dir {data_dir}: cannot create it ({error.strerror})") from None
     try:
         train, test = (dataset_class(root=data_dir, train=flag, download=True) for flag in (True, False))
     except (OSError, RuntimeError, EOFError, tarfile.TarError, pickle.UnpicklingError) as error:

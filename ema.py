@@ -6,17 +6,19 @@ Two teachers follow the student by an exponential moving average (EMA) of its pa
   the homogenisation the paper blames for collapse (Sec. 3.3).
 - DKEL's independent teacher (Sec. 3.3): a whole network of the same architecture (its own
   trunk and peers, no parameter shared with the student), initialised by copying the student
-  and then (train.py) training it alone for a few cross-entropy iterations, so that its
-  "decoupled knowledge" is useful from the first step.
+  and then training it alone for a few cross-entropy iterations (`initialise_teacher`), so that
+  its "decoupled knowledge" is useful from the first step.
 
 BatchNorm policy (as in Mean Teacher): the EMA covers parameters only. The teacher runs in train
 mode during training, so its BatchNorm normalises with the statistics of the current batch and
 keeps its own running statistics, which evaluation uses.
 """
 import copy
+import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import DeployableNet, MultiPeerNet, PeerOutputs
 
@@ -85,7 +87,7 @@ class IndependentTeacher(EMATeacher):
     distillation term is L_dk.
 
     Sec. 3.3, step 1: copy the student's weights into the teacher (step 2, the k cross-entropy
-    iterations, is train.py's `initialise_teacher`).
+    iterations, is `initialise_teacher`).
     """
     term = "dk"
 
@@ -103,3 +105,49 @@ class IndependentTeacher(EMATeacher):
     def deployable(self, peer: int) -> DeployableNet:
         """The teacher's trunk + its branch `peer` (SPEC.md Sec. 4)."""
         return self.teacher.deployable(peer)
+
+
+def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float,
+                       weight_decay: float = 0.0) -> list[float]:
+    """Sec. 3.3, step 2: train the copied teacher alone with cross-entropy for `iters` iterations
+    of plain SGD (no momentum; paper: no weight decay, 1 iteration at lr 0.01).
+
+    The loss is the mean over the teacher's peers of L_ce(t_j(x_j), y), each peer on its own view.
+    Batches are (views (M, B, 3, H, W), labels (B,)). Returns the loss of each iteration.
+    """
+    params = list(teacher.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=weight_decay)
+    teacher.train()
+    losses = []
+    batch_iter = iter(batches)
+    for _ in range(iters):
+        views, labels = next(batch_iter)
+        logits = teacher(views).logits                                      # (M, B, C)
+        per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.repeat(len(logits)),
+                                     reduction="none")                      # (M*B,)
+        loss = per_sample.view(len(logits), -1).mean(1).mean()             # mean over peers of L_ce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    for p in params:  # from here on the teacher follows Eq. (5) alone
+        p.requires_grad_(False)
+        p.grad = None
+    return losses
+
+
+def ema_lag_warning(ema_decay: float, steps_per_epoch: int, epochs: int) -> str | None:
+    """A warning when a run is too short for its EMA teacher: the teacher of Eq. (5) averages the
+    student over about 1 / (1 - alpha) steps, and a run of fewer than 20 such time constants ends
+    with a teacher that still lags the student. None when the run is long enough."""
+    steps = steps_per_epoch * epochs
+    if ema_decay >= 1.0 or steps >= 20 / (1.0 - ema_decay):
+        return None
+    # The paper's lag: 1 / (1 - 0.999) = 1,000 steps, 1000 / 391 = 2.6 epochs of CIFAR at batch 128.
+    paper_lag_epochs = 1000 / 391
+    fitting = math.floor((1.0 - 1.0 / (paper_lag_epochs * steps_per_epoch)) * 1e4) / 1e4
+    return (f"the teacher will lag: its EMA time constant 1/(1 - {ema_decay}) is {1 / (1 - ema_decay):,.0f} "
+            f"optimizer steps and this run has {steps:,}; --ema-decay {fitting:g} gives the paper's lag "
+            f"of {paper_lag_epochs:.1f} epochs at {steps_per_epoch} steps per epoch")

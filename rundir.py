@@ -11,13 +11,17 @@ import contextlib
 import csv
 import json
 import os
+import signal
+import threading
 
 import torch
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
-EXIT_BAD_INPUT = 2      # a bad flag, path, data set or run directory: nothing was trained
-EXIT_UNHEALTHY = 3      # the loss became non-finite or the model collapsed: the last good epoch is kept
-EXIT_INTERRUPTED = 130  # Ctrl-C: every finished epoch is kept; --resume continues
+EXIT_BAD_INPUT = 2       # a bad flag, size, path, data set or run directory: nothing was trained
+EXIT_UNHEALTHY = 3       # the loss became non-finite or the model collapsed: the last good epoch is kept
+EXIT_WRITE_FAILED = 4    # a file of the run directory could not be written: the last good epoch is kept
+EXIT_INTERRUPTED = 130   # SIGINT (Ctrl-C): every finished epoch is kept; --resume continues
+EXIT_TERMINATED = 143    # SIGTERM (SLURM, Kubernetes before a kill): likewise, for a requeue with --resume
 
 # Arguments that may change between a run and its resumption without changing its results.
 RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
@@ -43,13 +47,76 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
+class StopRequests:
+    """SIGTERM and SIGINT ask a run to stop at the end of the current optimizer step rather than
+    kill it: the loop calls `check`, which raises RunStopped (exit 143 or 130) with the resume
+    command. Every finished epoch is already in the checkpoint. A second signal of the same kind
+    stops at once. Used as a context manager around a run (main thread only)."""
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received == number:
+            raise KeyboardInterrupt
+        self.received = number
+
+    def check(self, out_dir: str, epochs_done: int) -> None:
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            code = EXIT_TERMINATED if self.received == signal.SIGTERM else EXIT_INTERRUPTED
+            raise RunStopped(f"stopped by {name}: the {epochs_done} finished epoch(s) are saved in "
+                             f"{out_dir}; continue with the same command plus --resume", code)
+
+
+def prepare(out_dir: str, resume: bool) -> None:
+    """Refuse (exit 2) a run directory that already holds a run (without --resume), one without a
+    checkpoint (with --resume), or one that cannot be created or written."""
+    has_checkpoint = os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
+    if has_checkpoint and not resume:
+        raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, or choose another "
+                         f"--out-dir", EXIT_BAD_INPUT)
+    if resume and not has_checkpoint:
+        raise RunStopped(f"--resume: no checkpoint in {out_dir}; run without --resume to start it",
+                         EXIT_BAD_INPUT)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise RunStopped(f"--out-dir {out_dir}: cannot create or write it ({error.strerror})",
+                         EXIT_BAD_INPUT) from None
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, binary: bool = False):
-    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file, and a
+    failed write (disk full, permission lost) leaves the previous version whole and stops the run
+    with one line (exit 4)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
-        yield f
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise RunStopped(f"cannot write {path} ({error.strerror}); the previous version is intact: free "
+                         f"space or fix the permissions, then continue with --resume",
+                         EXIT_WRITE_FAILED) from None
 
 
 def atomic_save(obj, path: str) -> None:
@@ -73,9 +140,6 @@ def write_metrics(path: str, history: list[dict]) -> None:
 def load_checkpoint(out_dir: str, config: dict) -> dict:
     """The checkpoint of `out_dir`, refused (exit 2) when unreadable or made with other settings."""
     path = os.path.join(out_dir, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise RunStopped(f"--resume: no checkpoint in {out_dir}; run without --resume to start it",
-                         EXIT_BAD_INPUT)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = checkpoint["config"]
@@ -84,7 +148,8 @@ def load_checkpoint(out_dir: str, config: dict) -> dict:
                          f"directory or choose another --out-dir", EXIT_BAD_INPUT) from None
     differing = changed_settings(saved, config)
     if differing:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in differing[:4])
+        details = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {config.get(k)!r}"
+                            for k in differing[:4])
         raise RunStopped(f"the checkpoint in {out_dir} was made with a different configuration ({details}); "
                          f"resume with the original flags or choose another --out-dir", EXIT_BAD_INPUT)
     return checkpoint
@@ -113,24 +178,54 @@ def save_checkpoint(out_dir: str, modules: dict, optimizer, scheduler, state: di
     atomic_save(checkpoint, os.path.join(out_dir, "checkpoint.pt"))
 
 
+def validation_choice(history: list[dict], keys: list[str]) -> tuple[float, int, str]:
+    """(validation accuracy, epoch, output): the deployed output and epoch with the best validation
+    accuracy, the earliest epoch among equals (--val-size)."""
+    rows = [row for row in history if "val_acc_deployed_mean" in row]
+    value, negative_epoch, key = max((row[f"val_acc_{k}"], -row["epoch"], k) for row in rows for k in keys)
+    return value, -negative_epoch, key
+
+
+def keep_if_best(out_dir: str, method, row: dict, history: list[dict]) -> None:
+    """With a validation split, deployable.pt follows the validation choice during training: the
+    weights of the chosen epoch exist only at that epoch."""
+    _, epoch, key = validation_choice(history + [row], method.deployed_keys())
+    if epoch == row["epoch"]:
+        atomic_save(method.deployable(key).state_dict(), os.path.join(out_dir, "deployable.pt"))
+
+
 def write_summary(args: argparse.Namespace, method, num_classes: int, history: list[dict]) -> dict:
-    """summary.json and deployable.pt: the headline is the deployed model at the final epoch (for
-    pcl/dk/dkel the mean over teacher peers); the paper's convention (the best deployed output at
-    its best epoch) is reported beside it."""
-    final = history[-1]
-    keys = method.deployed_keys()
-    best_peer = max(keys, key=lambda k: final[f"acc_{k}"])
+    """summary.json (and, without a validation split, deployable.pt).
+
+    The deployed model is chosen without looking at the test split: with --val-size, the output
+    and epoch of the best validation accuracy, reported with its test accuracy; without, no
+    selection at all: peer 0 at the final epoch. Beside it: the final-epoch mean over the deployed
+    outputs (SPEC.md Sec. 4) and the paper's convention, the best deployed output at its best
+    epoch, which is selected on the test split and labelled so."""
+    final, keys = history[-1], method.deployed_keys()
     evaluated = [row for row in history if "acc_deployed_mean" in row]
     best_value, best_epoch, best_key = max((row[f"acc_{k}"], row["epoch"], k)
                                            for row in evaluated for k in keys)
-    atomic_save(method.deployable(best_peer).state_dict(), os.path.join(args.out_dir, "deployable.pt"))
+    if "val_acc_deployed_mean" in final:
+        val_value, epoch, key = validation_choice(history, keys)
+        test_value = next(row for row in history if row["epoch"] == epoch)[f"acc_{key}"]
+        selection = {"on": "validation split", "output": key, "epoch": epoch, "val_acc": val_value,
+                     "test_acc": test_value}
+    else:
+        key = keys[0]
+        atomic_save(method.deployable(key).state_dict(), os.path.join(args.out_dir, "deployable.pt"))
+        selection = {"on": "none: no selection was made (--val-size 0), the deployed model is the first "
+                           "deployed output at the final epoch", "output": key, "epoch": final["epoch"],
+                     "test_acc": final[f"acc_{key}"]}
     summary = {
         "method": args.method, "dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
         "final": {k: v for k, v in final.items() if k.startswith("acc_")},
         "best": {k[4:]: max(row[k] for row in evaluated) for k in final if k.startswith("acc_")},
         "headline_final_deployed_mean": final["acc_deployed_mean"],
-        "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch, "output": best_key},
-        "deployable": {"file": "deployable.pt", "output": best_peer, "arch": args.arch,
+        "selection": selection,
+        "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch, "output": best_key,
+                                                  "selected_on": "test split"},
+        "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"], "arch": args.arch,
                        "num_classes": num_classes, "load": "models.build_deployable(arch, num_classes)"},
         "train_seconds": sum(row["epoch_seconds"] for row in history),
     }
@@ -142,9 +237,24 @@ def summary_table(summary: dict) -> str:
     """The summary as a small table for the terminal."""
     lines = [f"{'output':<22} {'final':>7} {'best':>7}"]
     lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}" for k, v in summary["final"].items()]
-    best = summary["paper_convention_best_peer_best_epoch"]
+    best, chosen = summary["paper_convention_best_peer_best_epoch"], summary["selection"]
+    lines.append(f"deployed model ({chosen['output']}, epoch {chosen['epoch']}; selected on: "
+                 f"{chosen['on']}): test {chosen['test_acc']:.2f}%")
     lines.append(f"headline (deployed model, final epoch; pcl/dk/dkel: mean over teacher peers): "
                  f"{summary['headline_final_deployed_mean']:.2f}%")
-    lines.append(f"paper's convention (best deployed output at its best epoch): {best['acc']:.2f}% "
-                 f"({best['output']}, epoch {best['epoch']})")
+    lines.append(f"paper's convention (best deployed output at its best epoch, selected on the test split): "
+                 f"{best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
     return "\n".join(lines)
+
+
+def epoch_line(row: dict, epochs: int, history: list[dict], schedules: tuple[str, ...]) -> str:
+    """One finished epoch for the terminal: lr, the epoch weights the method uses, the loss parts,
+    train and test accuracy, speed and the time left."""
+    seconds = sum(r["epoch_seconds"] for r in history) / len(history)
+    weights = "".join(f" {'r' if name == 'rampup' else name}={row[name]:.3f}" for name in schedules)
+    names = ("loss", "ce", "ce_ensemble", "ce_leader", "pe", "pm", "dk", "de", "kd", "kd_leader")
+    losses = " ".join(f"{k}={row[k]:.3f}" for k in names if k in row)
+    test = f" | test deployed {row['acc_deployed_mean']:.2f}%" if "acc_deployed_mean" in row else ""
+    return (f"epoch {row['epoch']}/{epochs} lr={row['lr']:.4g}{weights} {losses} "
+            f"train {row['train_acc']:.2f}%{test} | {row['images_per_s']:.0f} img/s, "
+            f"ETA {(epochs - row['epoch']) * seconds / 60:.1f} min")

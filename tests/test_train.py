@@ -95,37 +95,6 @@ def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch):
                 == {k: v for k, v in row_b.items() if k not in timing})
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--arch", "resnet1000"], "unknown --arch"),
-    (["--beta", "-1"], "--beta must be >= 0"),
-    (["--num-peers", "1"], "needs --num-peers >= 2"),
-    (["--milestones", "5"], "must lie within 1..2"),
-    (["--dataset", "mnist"], "invalid choice"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--method", "okddip", "--num-peers", "2"], "okddip needs --num-peers >= 3"),
-])
-def test_bad_command_line_exits_2_with_one_line(tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(args_for(tmp_path, *flags))
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_run_directory_errors(tmp_path, capsys):
-    assert train.main(args_for(tmp_path / "none", "--resume")) == 2
-    assert "no checkpoint" in capsys.readouterr().err
-    done = tmp_path / "done"
-    assert train.main(args_for(done, "--epochs", "1")) == 0
-    capsys.readouterr()
-    assert train.main(args_for(done, "--epochs", "1")) == 2
-    assert "add --resume" in capsys.readouterr().err
-    assert train.main(args_for(done, "--epochs", "1", "--beta", "0.25", "--resume")) == 2
-    assert "different configuration (beta: 0.5 -> 0.25)" in capsys.readouterr().err
-    (done / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    assert train.main(args_for(done, "--epochs", "1", "--resume")) == 2
-    assert "cannot read the checkpoint" in capsys.readouterr().err
-
-
 def test_collapse_stops_the_run(tmp_path, capsys):
     assert train.main(args_for(tmp_path, "--collapse-threshold", "1e9")) == 3
     assert "collapse in epoch 1" in capsys.readouterr().err
