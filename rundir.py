@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import signal
 import threading
@@ -153,6 +154,18 @@ def load_checkpoint(out_dir: str, config: dict) -> dict:
         raise RunStopped(f"the checkpoint in {out_dir} was made with a different configuration ({details}); "
                          f"resume with the original flags or choose another --out-dir", EXIT_BAD_INPUT)
     return checkpoint
+
+
+def check_health(row: dict, out_dir: str, collapse_threshold: float) -> None:
+    """Stop on a non-finite loss or on collapse (Sec. 3.3: all logits shrink to zero)."""
+    if not math.isfinite(row["loss"]):
+        raise RunStopped(f"the loss became {row['loss']} in epoch {row['epoch']}; the checkpoint of the last "
+                         f"good epoch is kept in {out_dir} (try a lower --lr)", EXIT_UNHEALTHY)
+    if row["logit_norm"] < collapse_threshold:
+        raise RunStopped(f"collapse in epoch {row['epoch']}: the deployed model's mean logit norm is "
+                         f"{row['logit_norm']:.2e} < --collapse-threshold {collapse_threshold} "
+                         f"(paper Sec. 3.3); the last good checkpoint is kept in {out_dir}",
+                         EXIT_UNHEALTHY)
 
 
 def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, scheduler) -> dict:

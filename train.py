@@ -13,7 +13,6 @@ metrics.csv, checkpoint.pt (every epoch; --resume continues from it), deployable
 summary.json. The six compared methods of Table 1 (baselines.py) run through the same loop.
 """
 import argparse
-import contextlib
 import inspect
 import math
 import os
@@ -29,7 +28,7 @@ from ema import IndependentTeacher, PeerMeanTeacher, ema_lag_warning, initialise
 from losses import DECAYS, decay_weight, distillation_objective, rampup
 from models import ARCHS, MultiPeerNet
 import rundir
-from rundir import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNHEALTHY, RunStopped, config_of,
+from rundir import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, RunStopped, config_of,
                     restore_checkpoint, save_checkpoint, summary_table, write_json, write_metrics,
                     write_summary)
 
@@ -210,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     a("--eval-every", type=int, default=1,
       help="evaluate on the test split every N epochs (and always after the last)")
+    a("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+      help="forward passes under bf16 autocast or in fp32 (losses, EMA, BatchNorm statistics and master "
+           "weights stay fp32); auto: bf16 on CUDA and on a CPU with native bf16, fp32 elsewhere")
     a("--compile", action="store_true",
       help="torch.compile the forward passes of the trained networks (and teacher)")
     a("--collapse-threshold", type=float, default=0.01,
@@ -275,6 +277,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.precision == "auto":  # config.json records what ran
+        args.precision = "bf16" if native_bf16(torch.device(args.device)) else "fp32"
     default_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{args.method}_seed{args.seed}")
     args.out_dir = args.out_dir or default_dir
     return args
@@ -295,23 +299,32 @@ def epoch_weights(args: argparse.Namespace, epoch: int) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- training
-def autocast(device: torch.device):
-    """bf16 autocast for the forward passes on CUDA; full precision on the CPU."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU that does, or a CPU with AVX512-BF16 or
+    AMX (oneDNN emulates bf16 on older AVX512 CPUs, slower than fp32)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return any(capabilities.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def sgd(parameters, *, lr: float, momentum: float, weight_decay: float, device: torch.device):
-    """SGD with Nesterov momentum (paper Sec. 4.2); one fused kernel on CUDA."""
+def autocast(device: torch.device, precision: str):
+    """The forward passes under bf16 autocast (convolutions and linear layers in bf16), the same on
+    the CPU as on CUDA, or in fp32. BatchNorm keeps fp32 parameters and statistics either way, the
+    losses cast the logits to fp32, and the EMA and the optimizer work on fp32 master weights."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def sgd(parameters, *, lr: float, momentum: float, weight_decay: float):
+    """SGD with Nesterov momentum (paper Sec. 4.2), one fused kernel over all parameters."""
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=momentum > 0, fused=device.type == "cuda")
+                           nesterov=momentum > 0, fused=True)
 
 
 def train_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float],
-               step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               step: int, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step of the student, then the teacher's Eq. (5); no host-device sync."""
-    with autocast(views.device):
+    with autocast(views.device, precision):
         loss, parts = method.loss(views, labels, weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -331,7 +344,7 @@ def train_epoch(args, method, optimizer, data, epoch: int, state: dict) -> dict:
     start = time.perf_counter()
     for views, labels in tqdm(batches, total=num_batches, desc=f"epoch {epoch + 1}/{args.epochs}",
                               leave=False, dynamic_ncols=True, file=sys.stderr):
-        loss, parts = train_step(method, optimizer, views, labels, weights, state["step"])
+        loss, parts = train_step(method, optimizer, views, labels, weights, state["step"], args.precision)
         STOP.check(args.out_dir, epoch)  # SIGTERM / SIGINT: stop here, the finished epochs are saved
         state["step"] += 1
         for name, value in {"loss": loss.detach(), **parts}.items():
@@ -344,13 +357,13 @@ def train_epoch(args, method, optimizer, data, epoch: int, state: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(method, data, batch_size: int, split: str = "test") -> dict[str, float]:
+def evaluate(method, data, batch_size: int, precision: str, split: str = "test") -> dict[str, float]:
     """Top-1 accuracy (%) on the test split ("acc_*") or the validation split ("val_acc_*") of
     every output of SPEC.md Sec. 4 (eval-mode BatchNorm)."""
     method.set_mode(False)
     correct: dict[str, torch.Tensor] = {}
     for images, labels in datasets.test_batches(data, batch_size, split):
-        with autocast(data.device):
+        with autocast(data.device, precision):
             logits = method.eval_logits(images)
         for name, value in logits.items():
             correct[name] = correct.get(name, 0) + (value.argmax(-1) == labels).sum()
@@ -359,18 +372,6 @@ def evaluate(method, data, batch_size: int, split: str = "test") -> dict[str, fl
     deployed = [accuracies[f"{prefix}_{key}"] for key in method.deployed_keys()]
     accuracies[f"{prefix}_deployed_mean"] = sum(deployed) / len(deployed)
     return accuracies
-
-
-def check_health(args, row: dict) -> None:
-    """Stop on a non-finite loss or on collapse (Sec. 3.3: all logits shrink to zero)."""
-    if not math.isfinite(row["loss"]):
-        raise RunStopped(f"the loss became {row['loss']} in epoch {row['epoch']}; the checkpoint of the last "
-                         f"good epoch is kept in {args.out_dir} (try a lower --lr)", EXIT_UNHEALTHY)
-    if row["logit_norm"] < args.collapse_threshold:
-        raise RunStopped(f"collapse in epoch {row['epoch']}: the deployed model's mean logit norm is "
-                         f"{row['logit_norm']:.2e} < --collapse-threshold {args.collapse_threshold} "
-                         f"(paper Sec. 3.3); the last good checkpoint is kept in {args.out_dir}",
-                         EXIT_UNHEALTHY)
 
 
 def start_or_resume(args, method, optimizer, scheduler, data, config: dict) -> dict:
@@ -396,7 +397,7 @@ def run(args: argparse.Namespace) -> dict:
         raise RunStopped(str(error), EXIT_BAD_INPUT) from None
     method = build_method(args, data.num_classes, device)
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
-                    weight_decay=args.weight_decay, device=device)
+                    weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     config = config_of(args, device)
     state = start_or_resume(args, method, optimizer, scheduler, data, config)
@@ -407,11 +408,11 @@ def run(args: argparse.Namespace) -> dict:
     for epoch in range(state["epoch"], args.epochs):
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                **train_epoch(args, method, optimizer, data, epoch, state)}
-        check_health(args, row)
+        rundir.check_health(row, args.out_dir, args.collapse_threshold)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            row.update(evaluate(method, data, args.batch_size))
+            row.update(evaluate(method, data, args.batch_size, args.precision))
             if data.val_labels is not None:
-                row.update(evaluate(method, data, args.batch_size, "val"))
+                row.update(evaluate(method, data, args.batch_size, args.precision, "val"))
                 rundir.keep_if_best(args.out_dir, method, row, state["history"])
         scheduler.step()
         state["history"].append(row)

@@ -94,8 +94,8 @@ def test_sigterm_stops_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_pat
     assert train.main(args_for(straight)) == 0
     real_step = train.train_step
 
-    def terminated_in_second_epoch(method, optimizer, views, labels, weights, step):
-        out = real_step(method, optimizer, views, labels, weights, step)
+    def terminated_in_second_epoch(method, optimizer, views, labels, weights, step, precision):
+        out = real_step(method, optimizer, views, labels, weights, step, precision)
         if step == 10:  # 8 steps per epoch: the third step of epoch 2
             os.kill(os.getpid(), signal.SIGTERM)
         return out

@@ -69,9 +69,10 @@ def test_table1_method_one_epoch_run(tmp_path, method, deployed):
     deployed_net.load_state_dict(torch.load(tmp_path / "deployable.pt", weights_only=True))
 
 
-def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch, precision):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train.main(args_for(straight)) == 0
+    assert train.main(args_for(straight, "--precision", precision)) == 0
     real_epoch = train.train_epoch
 
     def killed_in_second_epoch(args, method, optimizer, data, epoch, state):
@@ -80,10 +81,10 @@ def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch):
         return real_epoch(args, method, optimizer, data, epoch, state)
 
     monkeypatch.setattr(train, "train_epoch", killed_in_second_epoch)
-    assert train.main(args_for(resumed)) == 130
+    assert train.main(args_for(resumed, "--precision", precision)) == 130
     assert len(read_metrics(resumed)) == 1
     monkeypatch.setattr(train, "train_epoch", real_epoch)
-    assert train.main(args_for(resumed, "--resume")) == 0
+    assert train.main(args_for(resumed, "--precision", precision, "--resume")) == 0
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
     for name in ("student", "teacher"):
