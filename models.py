@@ -115,6 +115,52 @@ def vgg_stage(in_ch: int, out_ch: int, convs: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.MaxPool2d(2))
 
 
+class ViewBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d of a trunk that runs M augmented views as one stacked batch of M*B images.
+
+    The authors' code runs the trunk once per view (SPEC.md Sec. 8), so in train mode every view
+    is normalised with the mean and variance of its own B images and the running statistics are
+    updated M times per step, view after view. This layer gives the same in one pass of the
+    convolutions: `views` is the number of views the current input holds, as M contiguous blocks
+    of B images (x.flatten(0, 1) of (M, B, C, H, W); with channels_last each block is still one
+    contiguous NHWC block). Whenever BatchNorm uses batch statistics, the ordinary BatchNorm2d
+    forward runs on each block in view order, so each block gets its own statistics and the
+    running statistics get the M sequential momentum updates (unbiased variance) of M separate
+    passes. The blocks are concatenated back in the input's memory format.
+
+    `num_batches_tracked` grows by M per stacked pass, one per block, as over M separate passes
+    (it only matters with momentum=None, the cumulative average, which is then exact as well).
+    With one view, or with running statistics (eval mode), this is plain BatchNorm2d; the state
+    dict is BatchNorm2d's, so checkpoints load into either class.
+
+    The layer cannot tell M from an (M*B, C, H, W) input, and nn.Sequential passes nothing but
+    the tensor, so MultiPeerNet.run_trunk sets `views` = M for the duration of a stacked pass and
+    back to 1 after it; anything else that runs the layer (a (B, 3, H, W) batch for every peer,
+    a deployed copy of the trunk) gets ordinary BatchNorm. torch.compile traces the setting.
+    """
+    views: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.views == 1 or not (self.training or self.running_mean is None):
+            return super().forward(x)
+        batch_norm = super().forward
+        blocks = x.unflatten(0, (self.views, -1)).unbind(0)             # M x (B, C, H, W)
+        return torch.cat([batch_norm(block) for block in blocks])        # (M*B, C, H, W)
+
+
+def per_view_batchnorm(module: nn.Module) -> None:
+    """Make every nn.BatchNorm2d inside `module` (on the CPU, as built) a ViewBatchNorm2d with
+    the same settings, parameters and buffers: same state-dict keys, same parameter count."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            view_bn = ViewBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats)
+            view_bn.load_state_dict(child.state_dict())
+            setattr(module, name, view_bn)
+        else:
+            per_view_batchnorm(child)
+
+
 def global_pool() -> nn.Sequential:
     """Global average pooling to the flat feature f_i (adaptive, so any input size works)."""
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
