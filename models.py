@@ -115,6 +115,52 @@ def vgg_stage(in_ch: int, out_ch: int, convs: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.MaxPool2d(2))
 
 
+class ViewBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d of a trunk that runs M augmented views as one stacked batch of M*B images.
+
+    The authors' code runs the trunk once per view (SPEC.md Sec. 8), so in train mode every view
+    is normalised with the mean and variance of its own B images and the running statistics are
+    updated M times per step, view after view. This layer gives the same in one pass of the
+    convolutions: `views` is the number of views the current input holds, as M contiguous blocks
+    of B images (x.flatten(0, 1) of (M, B, C, H, W); with channels_last each block is still one
+    contiguous NHWC block). Whenever BatchNorm uses batch statistics, the ordinary BatchNorm2d
+    forward runs on each block in view order, so each block gets its own statistics and the
+    running statistics get the M sequential momentum updates (unbiased variance) of M separate
+    passes. The blocks are concatenated back in the input's memory format.
+
+    `num_batches_tracked` grows by M per stacked pass, one per block, as over M separate passes
+    (it only matters with momentum=None, the cumulative average, which is then exact as well).
+    With one view, or with running statistics (eval mode), this is plain BatchNorm2d; the state
+    dict is BatchNorm2d's, so checkpoints load into either class.
+
+    The layer cannot tell M from an (M*B, C, H, W) input, and nn.Sequential passes nothing but
+    the tensor, so MultiPeerNet.run_trunk sets `views` = M for the duration of a stacked pass and
+    back to 1 after it; anything else that runs the layer (a (B, 3, H, W) batch for every peer,
+    a deployed copy of the trunk) gets ordinary BatchNorm. torch.compile traces the setting.
+    """
+    views: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.views == 1 or not (self.training or self.running_mean is None):
+            return super().forward(x)
+        batch_norm = super().forward
+        blocks = x.unflatten(0, (self.views, -1)).unbind(0)             # M x (B, C, H, W)
+        return torch.cat([batch_norm(block) for block in blocks])        # (M*B, C, H, W)
+
+
+def per_view_batchnorm(module: nn.Module) -> None:
+    """Make every nn.BatchNorm2d inside `module` (on the CPU, as built) a ViewBatchNorm2d with
+    the same settings, parameters and buffers: same state-dict keys, same parameter count."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            view_bn = ViewBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats)
+            view_bn.load_state_dict(child.state_dict())
+            setattr(module, name, view_bn)
+        else:
+            per_view_batchnorm(child)
+
+
 def global_pool() -> nn.Sequential:
     """Global average pooling to the flat feature f_i (adaptive, so any input size works)."""
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -258,10 +304,15 @@ class MultiPeerNet(nn.Module):
 
     `shared_trunk=False` gives M independent networks (the trunk is the identity and every
     branch carries its own copy of the trunk).
+
+    `per_view_bn=True` (the default, SPEC.md Sec. 8) makes every BatchNorm of the shared trunk a
+    ViewBatchNorm2d, so that a stacked pass of M views has the BatchNorm statistics of M separate
+    passes (see `run_trunk`). The peers see one view each and keep plain BatchNorm; without a
+    shared trunk there is nothing to change. Parameters and state-dict keys are the same either way.
     """
 
     def __init__(self, arch: str, num_classes: int, num_peers: int = 3,
-                 ensemble_head: bool = True, shared_trunk: bool = True):
+                 ensemble_head: bool = True, shared_trunk: bool = True, per_view_bn: bool = True):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -269,6 +320,8 @@ class MultiPeerNet(nn.Module):
         self.arch, self.num_classes, self.num_peers = arch, num_classes, num_peers
         self.shared_trunk = shared_trunk
         self.trunk = spec.trunk() if shared_trunk else nn.Identity()
+        if per_view_bn:
+            per_view_batchnorm(self.trunk)
         self.peers = nn.ModuleList(
             Peer(spec.branch_body() if shared_trunk else nn.Sequential(spec.trunk(), spec.branch_body()),
                  spec.classifier(spec.feature_dim, num_classes))
@@ -283,13 +336,30 @@ class MultiPeerNet(nn.Module):
 
         The M views run through the trunk as one stacked batch of M*B images (one big batch
         beats M small ones).
-        NOTE(paper): in train mode the trunk's BatchNorm therefore normalises over all M*B
-        images of the step rather than over each view's B images separately; in eval mode the
-        two are identical (tests/test_models.py checks it).
+        NOTE(paper): the paper does not say how BatchNorm treats the views. As in the authors'
+        code, which runs the trunk once per view (SPEC.md Sec. 8), the statistics are per view:
+        in train mode each view is normalised with the mean and variance of its own B images
+        and the running statistics are updated M times, view after view, exactly as M separate
+        passes would (tests/test_models.py checks outputs, gradients and running statistics).
+        For the stacked pass this method sets `views` = M on the trunk's ViewBatchNorm2d layers
+        and puts it back to 1 afterwards, so a (B, 3, H, W) input (one view for every peer, as in
+        evaluation and in methods that feed one view) and every other caller of the trunk get ordinary
+        BatchNorm. With `per_view_bn=False` the M*B images share one set of statistics instead.
+        In eval mode all of these are identical.
         """
         if x.dim() == 4:
             return self.trunk(x).unsqueeze(0)                         # (1, B, ...)
-        return self.trunk(x.flatten(0, 1)).unflatten(0, x.shape[:2])  # (M, B, ...)
+        self._set_views(x.shape[0])
+        try:
+            out = self.trunk(x.flatten(0, 1))                         # (M*B, ...)
+        finally:
+            self._set_views(1)
+        return out.unflatten(0, x.shape[:2])                          # (M, B, ...)
+
+    def _set_views(self, views: int) -> None:
+        for module in self.trunk.modules():
+            if isinstance(module, ViewBatchNorm2d):
+                module.views = views
 
     def run_peers(self, trunk_out: torch.Tensor, peers: nn.ModuleList | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +397,9 @@ class MultiPeerNet(nn.Module):
 
 class DeployableNet(nn.Module):
     """Trunk + one peer: a plain single network mapping images (B, 3, H, W) to logits (B, C).
-    Its state dict is what train.py exports; `build_deployable` rebuilds the empty module."""
+    Its state dict is what train.py exports; `build_deployable` rebuilds the empty module.
+    A trunk copied from a per-view MultiPeerNet keeps its ViewBatchNorm2d layers, which only
+    run_trunk makes per view: here they are ordinary BatchNorm, in train mode as well."""
 
     def __init__(self, trunk: nn.Module, peer: Peer):
         super().__init__()
