@@ -4,19 +4,23 @@ summary.json (SPEC.md Sec. 4 for what the summary reports).
 Every file is written to a temporary name beside its final one and renamed, so a run killed at
 any moment leaves the previous version whole. The checkpoint holds every module, the
 optimizer, the schedule, the RNG state and the metrics history: `--resume` continues a run
-exactly where its last finished epoch left it.
+exactly where its last finished epoch left it. Under torchrun rank 0 alone writes (the other ranks
+hold the same state, distributed.py), and while a run trains, its process holds the directory's lock.
 """
 import argparse
 import contextlib
 import csv
+import fcntl
 import json
 import os
 
 import torch
+import torch.distributed as dist
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 EXIT_BAD_INPUT = 2      # a bad flag, path, data set or run directory: nothing was trained
 EXIT_UNHEALTHY = 3      # the loss became non-finite or the model collapsed: the last good epoch is kept
+EXIT_RANK_LOST = 4      # torchrun: another rank stopped; every finished epoch is kept; --resume continues
 EXIT_INTERRUPTED = 130  # Ctrl-C: every finished epoch is kept; --resume continues
 
 # Arguments that may change between a run and its resumption without changing its results.
@@ -39,13 +43,43 @@ def config_of(args: argparse.Namespace, device: torch.device) -> dict:
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """The settings that differ between a checkpoint's configuration and this run's."""
-    ignored = RESUMABLE | {"torch", "device_name"}
+    ignored = RESUMABLE | {"torch", "device_name", "world_size"}  # world_size: `check_world_size`
     return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
 @contextlib.contextmanager
+def hold_run_dir(out_dir: str, resume: bool):
+    """The run directory, held for the whole run: made for a new run (which it must not already
+    hold: that one is continued with --resume) and locked, so that two processes (a pool that
+    relaunches, an array task started twice) never train into one directory at once; the second
+    gets one line and exit code 2. The lock is `fcntl.flock` on `out_dir/.lock`, which the operating
+    system releases when its process ends, however it ends: the file left by a killed run blocks
+    nothing, and `--resume` continues it. A `--resume` of a directory that does not exist takes no
+    lock and makes no directory (`load_checkpoint` refuses it)."""
+    if resume and not os.path.isdir(out_dir):
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunStopped(f"another process is training into {out_dir} (it holds {lock.name}); wait "
+                             f"for it to end or choose another --out-dir", EXIT_BAD_INPUT) from None
+        if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
+            raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, or choose "
+                             f"another --out-dir", EXIT_BAD_INPUT)
+        yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
 def atomic_write(path: str, binary: bool = False):
-    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file.
+    Under torchrun the ranks other than 0 write nothing: they hold the same state as rank 0."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        with open(os.devnull, "wb" if binary else "w") as f:
+            yield f
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
         yield f
@@ -82,12 +116,22 @@ def load_checkpoint(out_dir: str, config: dict) -> dict:
     except Exception as error:  # any unreadable file is a corrupt checkpoint to the user
         raise RunStopped(f"cannot read the checkpoint {path} ({type(error).__name__}); delete the run "
                          f"directory or choose another --out-dir", EXIT_BAD_INPUT) from None
+    check_world_size(out_dir, saved.get("world_size", 1), config.get("world_size", 1))
     differing = changed_settings(saved, config)
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in differing[:4])
         raise RunStopped(f"the checkpoint in {out_dir} was made with a different configuration ({details}); "
                          f"resume with the original flags or choose another --out-dir", EXIT_BAD_INPUT)
     return checkpoint
+
+
+def check_world_size(out_dir: str, saved: int, current: int) -> None:
+    """A run resumes with the number of processes it was trained with: its BatchNorm statistics
+    are taken over the B/N images of each rank (distributed.py), so another N changes the results."""
+    if saved != current:
+        raise RunStopped(f"the checkpoint in {out_dir} was trained by {saved} process(es) (torchrun's world "
+                         f"size) and this run has {current}: resume with {saved}, or choose another "
+                         f"--out-dir", EXIT_BAD_INPUT)
 
 
 def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, scheduler) -> dict:
