@@ -25,11 +25,13 @@ from tqdm import tqdm
 
 import baselines
 import data as datasets
+import distributed
 from ema import IndependentTeacher, PeerMeanTeacher
 from losses import DECAYS, cross_entropy_per_peer, decay_weight, distillation_objective, rampup
 from models import ARCHS, MultiPeerNet
 from rundir import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNHEALTHY, RunStopped, config_of,
-                    restore_checkpoint, save_checkpoint, summary_table, write_json, write_metrics, write_summary)
+                    restore_checkpoint, save_checkpoint, summary_table, write_json, write_metrics,
+                    write_summary)
 
 PAPER_EPOCHS = {"tinyimagenet": 100}               # Sec. 4.2; every other data set: 300
 PAPER_MILESTONES = {"tinyimagenet": (0.3, 0.6)}    # Sec. 4.2; every other data set: 50% and 75%
@@ -231,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="evaluate on the test split every N epochs (and always after the last)")
     a("--compile", action="store_true",
       help="torch.compile the forward passes of the trained networks (and teacher)")
+    a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks (CUDA; default per rank)")
     a("--collapse-threshold", type=float, default=0.01,
       help="stop when the deployed model's mean logit norm falls below this (collapse, paper Sec. 3.3)")
     a("--authors-rampup", action="store_true",
@@ -330,8 +333,8 @@ def train_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor, wei
 def train_epoch(args, method, optimizer, data, epoch: int, state: dict) -> dict:
     """One epoch; the device is synchronised once, at its end, for the logged means."""
     weights = epoch_weights(args, epoch)
-    batches = datasets.train_batches(data, args.batch_size, method.num_views,
-                                     datasets.epoch_generator(args.seed, epoch, data.device))
+    generator = datasets.epoch_generator(args.seed, epoch, data.device)
+    batches = datasets.train_batches(data, args.batch_size, method.num_views, generator, distributed.part())
     num_batches = datasets.num_train_batches(data, args.batch_size)
     totals: dict[str, torch.Tensor] = {}
     method.set_mode(True)
@@ -342,7 +345,7 @@ def train_epoch(args, method, optimizer, data, epoch: int, state: dict) -> dict:
         state["step"] += 1
         for name, value in {"loss": loss.detach(), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value.float()
-    means = {name: value.item() / num_batches for name, value in totals.items()}  # the one sync
+    means = {k: v.item() / num_batches for k, v in distributed.end_of_epoch(method, totals).items()}  # sync
     seconds = time.perf_counter() - start
     means["train_acc"] = 100.0 * means.pop("correct")
     return {**weights, **means, "epoch_seconds": seconds,
@@ -354,13 +357,13 @@ def evaluate(method, data, batch_size: int) -> dict[str, float]:
     """Top-1 test accuracy (%) of every output of SPEC.md Sec. 4 (eval-mode BatchNorm)."""
     method.set_mode(False)
     correct: dict[str, torch.Tensor] = {}
-    for images, labels in datasets.test_batches(data, batch_size):
+    for images, labels in datasets.test_batches(distributed.evaluation_share(data), batch_size):
         with autocast(data.device):
             logits = method.eval_logits(images)
         for name, value in logits.items():
             correct[name] = correct.get(name, 0) + (value.argmax(-1) == labels).sum()
     total = data.test_labels.numel()
-    accuracies = {f"acc_{name}": 100.0 * value.item() / total for name, value in correct.items()}
+    accuracies = {f"acc_{k}": 100.0 * v.item() / total for k, v in distributed.summed(correct).items()}
     deployed = [accuracies[f"acc_{key}"] for key in method.deployed_keys()]
     accuracies["acc_deployed_mean"] = sum(deployed) / len(deployed)
     return accuracies
@@ -380,11 +383,7 @@ def check_health(args, row: dict) -> None:
 
 def start_or_resume(args, method, optimizer, scheduler, data, config: dict) -> dict:
     """A fresh run (teacher initialisation included) or the state of the checkpoint."""
-    if not args.resume:
-        if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")):
-            raise RunStopped(f"{args.out_dir} already holds a run; add --resume to continue it, "
-                             f"or choose another --out-dir", EXIT_BAD_INPUT)
-        os.makedirs(args.out_dir, exist_ok=True)
+    if not args.resume:  # rundir.hold_run_dir made the directory and refuses one that holds a run
         write_json(config, os.path.join(args.out_dir, "config.json"))
         method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))
         return {"epoch": 0, "step": 0, "history": []}
@@ -416,6 +415,7 @@ def run(args: argparse.Namespace) -> dict:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     config = config_of(args, device)
     state = start_or_resume(args, method, optimizer, scheduler, data, config)
+    distributed.prepare(method, args)  # torchrun: DDP, rank 0's weights everywhere (distributed.py)
     for epoch in range(state["epoch"], args.epochs):
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                **train_epoch(args, method, optimizer, data, epoch, state)}
@@ -434,7 +434,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
     try:
-        summary = run(args)
+        with distributed.session(args):  # torchrun's process group; rank 0 locks the run directory
+            print(summary_table(run(args)))
     except RunStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -442,7 +443,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: every finished epoch is saved in {args.out_dir}; continue with the same "
               f"command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(summary_table(summary))
     return 0
 
 
