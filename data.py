@@ -4,16 +4,14 @@ Every peer i of the student sees its own independently augmented view x_i of eac
 image: a random crop with 4 pixels of zero padding, a random horizontal flip, then per-channel
 normalisation. Test images are only normalised, and the same image goes to every peer.
 
-The authors' code augments per sample with PIL in DataLoader workers, which starves a GPU.
-Here a whole data set is one uint8 tensor (N, 3, H, W) on the training device, and a batch of
-M views is made by one vectorised gather on that device (`augment_views`); pinned host memory
-is the fallback when the set does not fit on the device.
+The authors' code augments per sample with PIL in DataLoader workers, which starves a GPU. Here
+a data set is one uint8 tensor (N, 3, H, W) on the device (pinned host memory if it does not fit)
+and a batch of M views is one vectorised gather there (`augment_views`).
 
-Data sets: `cifar10`, `cifar100` (torchvision, downloaded into --data-dir), `tinyimagenet`
-(the standard tiny-imagenet-200 folder, decoded once into a cached uint8 array), `imagefolder`
-(train/<class>/*, test/<class>/* or val/<class>/*, one image size) and `synthetic` (a small,
-learnable CIFAR-shaped set generated from a seed: for smoke runs and tests only, it says
-nothing about the paper's results).
+Data sets: `cifar10`, `cifar100` (torchvision, downloaded into --data-dir), `tinyimagenet` (the
+tiny-imagenet-200 folder, decoded once into a cached uint8 array), `imagefolder` (train/<class>/*,
+test/<class>/* or val/<class>/*, one image size) and `synthetic` (a learnable CIFAR-shaped set
+from a seed, for smoke runs and tests only).
 """
 import hashlib
 import math
@@ -76,13 +74,15 @@ class ImageData:
 # ---------------------------------------------------------------- augmentation (hot path)
 
 def augment_views(images: torch.Tensor, num_views: int, generator: torch.Generator,
-                  padding: int = 4) -> torch.Tensor:
+                  padding: int = 4, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """M independent views of each image: random crop of the zero-padded image + random flip.
 
     Same semantics as torchvision's RandomCrop(H, padding) + RandomHorizontalFlip() applied
     per view and per sample, done as one gather over the batch on uint8.
-    """
+    `part` = (rank, N): `images` are rows [rank * b, (rank + 1) * b) of a batch of N * b images,
+    whose random numbers are all drawn, as one process draws them, and that slice kept."""
     batch, channels, height, width = images.shape
+    rank, world = part  # (0, 1): one process
     side = 2 * padding + 1  # crop offsets per axis: 0 .. 2p
     # The zero-padded images and their mirror images: (2, B, 3, H+2p, W+2p).
     padded = images.new_zeros(2, batch, channels, height + 2 * padding, width + 2 * padding)
@@ -90,11 +90,12 @@ def augment_views(images: torch.Tensor, num_views: int, generator: torch.Generat
     padded[1, :, :, padding:padding + height, padding:padding + width] = images.flip(-1)
     # Every H×W window as a strided view, no copy, channels last: (2, B, 2p+1, 2p+1, H, W, 3).
     windows = padded.unfold(3, height, 1).unfold(4, width, 1).permute(0, 1, 3, 4, 5, 6, 2)
-    shape, device = (num_views, batch), images.device
-    offset_y = torch.randint(0, side, shape, generator=generator, device=device)  # (M, B)
-    offset_x = torch.randint(0, side, shape, generator=generator, device=device)  # (M, B)
-    flip = torch.randint(0, 2, shape, generator=generator, device=device)  # (M, B)
-    sample = torch.arange(batch, device=device).expand(shape)  # (M, B)
+    shape, device = (num_views, batch * world), images.device  # every random number of the whole batch
+    rows = slice(rank * batch, (rank + 1) * batch)  # and this part's columns of them
+    offset_y = torch.randint(0, side, shape, generator=generator, device=device)[:, rows]  # (M, B)
+    offset_x = torch.randint(0, side, shape, generator=generator, device=device)[:, rows]  # (M, B)
+    flip = torch.randint(0, 2, shape, generator=generator, device=device)[:, rows]  # (M, B)
+    sample = torch.arange(batch, device=device).expand(num_views, batch)  # (M, B)
     # A crop at offset x of the mirrored padded image is the mirror of the crop at 2p - x;
     # both offsets are uniform on 0 .. 2p, so this is crop-then-flip with a uniform offset.
     # Gathered channels last (M, B, H, W, 3) and returned as (M, B, 3, H, W) with NHWC strides,
@@ -127,41 +128,41 @@ def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def num_train_batches(data: ImageData, batch_size: int) -> int:
-    """Batches per training epoch (drop_last).
-
-    NOTE(paper): the authors' loader keeps the last partial batch (391 steps per CIFAR epoch at
-    batch 128); this project drops it (390), so every step has the same shapes.
-    """
+    """Batches per training epoch (drop_last). NOTE(paper): the authors' loader keeps the last
+    partial batch (391 steps per CIFAR epoch at batch 128); this project drops it (390)."""
     return len(data.train_labels) // batch_size
 
 
 def train_batches(data: ImageData, batch_size: int, num_views: int, generator: torch.Generator,
-                  padding: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  part: tuple[int, int] = (0, 1), padding: int = 4
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled epoch, drop_last: (views (M, B, 3, H, W) float32, labels (B,) int64).
 
     All randomness (shuffle, crops, flips) comes from `generator`, which must live on
     `data.device`, so the same generator state gives the same epoch.
+    `part` = (rank, N) of a torchrun run (distributed.py): every global batch of `batch_size` is
+    drawn as one process draws it and only its rows [rank * B/N, (rank + 1) * B/N) are made, so the
+    N ranks' slices together are exactly the one-process batch (N must divide `batch_size`).
     """
     shift, scale = normaliser(data.mean, data.std, data.device)
     order = torch.randperm(len(data.train_labels), generator=generator, device=data.device)
     image_order = order.to(data.train_images.device)  # pinned fallback: gather on the host
-    for start in range(0, num_train_batches(data, batch_size) * batch_size, batch_size):
-        images = data.train_images.index_select(0, image_order[start:start + batch_size])
-        images = _to_device(images, data.device)  # (B, 3, H, W) uint8
-        views = augment_views(images, num_views, generator, padding)  # (M, B, 3, H, W) uint8
-        labels = data.train_labels.index_select(0, order[start:start + batch_size])  # (B,)
+    rows = batch_size // part[1]  # this rank's slice of every batch
+    for start in range(part[0] * rows, num_train_batches(data, batch_size) * batch_size, batch_size):
+        images = data.train_images.index_select(0, image_order[start:start + rows])
+        images = _to_device(images, data.device)  # (B/N, 3, H, W) uint8
+        views = augment_views(images, num_views, generator, padding, part)  # (M, B/N, 3, H, W) uint8
+        labels = data.train_labels.index_select(0, order[start:start + rows])  # (B/N,)
         yield normalise(views, shift, scale), labels
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """All randomness of an epoch's data (order, crops, flips) from (seed, epoch) alone, so a
-    resumed run sees exactly the batches an uninterrupted one would."""
+    """All randomness of an epoch's data from (seed, epoch) alone: resumption is exact."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1)
 
 
 def repeated_batches(data: ImageData, batch_size: int, num_views: int, seed: int):
-    """Training batches in an order of their own (epoch "-1" of `seed`), repeated as long as they
-    are asked for: the teacher initialisation's batches (Sec. 3.3)."""
+    """The teacher initialisation's batches (Sec. 3.3): epoch "-1" of `seed`, repeated."""
     while True:
         yield from train_batches(data, batch_size, num_views, epoch_generator(seed, -1, data.device))
 
@@ -201,8 +202,7 @@ def hold_out_validation(data: ImageData, val_size: int, seed: int) -> ImageData:
 # ---------------------------------------------------------------- loading
 
 def check_batch_size(data: ImageData, batch_size: int, val_size: int = 0) -> None:
-    """Refuse a batch larger than the training set (less the validation split): an epoch would
-    hold no batch (drop_last)."""
+    """Refuse a batch larger than the training set less the validation split (no batch at all)."""
     available, held = len(data.train_labels) - val_size, f" less --val-size {val_size}" if val_size else ""
     if available < batch_size:
         raise DataError(f"--batch-size {batch_size} is larger than the training set of {data.name}{held} "

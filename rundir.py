@@ -4,11 +4,13 @@ summary.json (SPEC.md Sec. 4 for what the summary reports).
 Every file is written to a temporary name beside its final one and renamed, so a run killed at
 any moment leaves the previous version whole. The checkpoint holds every module, the
 optimizer, the schedule, the RNG state and the metrics history: `--resume` continues a run
-exactly where its last finished epoch left it.
+exactly where its last finished epoch left it. Under torchrun rank 0 alone writes (the other ranks
+hold the same state, distributed.py), and while a run trains, its process holds the directory's lock.
 """
 import argparse
 import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
@@ -16,11 +18,13 @@ import signal
 import threading
 
 import torch
+import torch.distributed as dist
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 EXIT_BAD_INPUT = 2       # a bad flag, size, path, data set or run directory: nothing was trained
 EXIT_UNHEALTHY = 3       # the loss became non-finite or the model collapsed: the last good epoch is kept
 EXIT_WRITE_FAILED = 4    # a file of the run directory could not be written: the last good epoch is kept
+EXIT_RANK_LOST = 5       # torchrun: another rank stopped; every finished epoch is kept; --resume continues
 EXIT_INTERRUPTED = 130   # SIGINT (Ctrl-C): every finished epoch is kept; --resume continues
 EXIT_TERMINATED = 143    # SIGTERM (SLURM, Kubernetes before a kill): likewise, for a requeue with --resume
 
@@ -44,7 +48,7 @@ def config_of(args: argparse.Namespace, device: torch.device) -> dict:
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """The settings that differ between a checkpoint's configuration and this run's."""
-    ignored = RESUMABLE | {"torch", "device_name"}
+    ignored = RESUMABLE | {"torch", "device_name", "world_size"}  # world_size: `check_world_size`
     return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
@@ -103,10 +107,36 @@ def prepare(out_dir: str, resume: bool) -> None:
 
 
 @contextlib.contextmanager
+def hold_run_dir(out_dir: str, resume: bool):
+    """The run directory, held for the whole run: made for a new run (which it must not already
+    hold: that one is continued with --resume) and locked, so that two processes (a pool that
+    relaunches, an array task started twice) never train into one directory at once; the second
+    gets one line and exit code 2. The lock is `fcntl.flock` on `out_dir/.lock`, which the operating
+    system releases when its process ends, however it ends: the file left by a killed run blocks
+    nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all."""
+    prepare(out_dir, resume)
+    with open(os.path.join(out_dir, ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunStopped(f"another process is training into {out_dir} (it holds {lock.name}); wait "
+                             f"for it to end or choose another --out-dir", EXIT_BAD_INPUT) from None
+        if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
+            raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, or choose "
+                             f"another --out-dir", EXIT_BAD_INPUT)
+        yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
 def atomic_write(path: str, binary: bool = False):
     """Write to a temporary file beside `path`, then rename: a kill never leaves half a file, and a
     failed write (disk full, permission lost) leaves the previous version whole and stops the run
-    with one line (exit 4)."""
+    with one line (exit 4). Under torchrun the ranks other than 0 write nothing: they hold the
+    same state as rank 0."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        with open(os.devnull, "wb" if binary else "w") as f:
+            yield f
+        return
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
@@ -147,6 +177,7 @@ def load_checkpoint(out_dir: str, config: dict) -> dict:
     except Exception as error:  # any unreadable file is a corrupt checkpoint to the user
         raise RunStopped(f"cannot read the checkpoint {path} ({type(error).__name__}); delete the run "
                          f"directory or choose another --out-dir", EXIT_BAD_INPUT) from None
+    check_world_size(out_dir, saved.get("world_size", 1), config.get("world_size", 1))
     differing = changed_settings(saved, config)
     if differing:
         details = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {config.get(k)!r}"
@@ -166,6 +197,15 @@ def check_health(row: dict, out_dir: str, collapse_threshold: float) -> None:
                          f"{row['logit_norm']:.2e} < --collapse-threshold {collapse_threshold} "
                          f"(paper Sec. 3.3); the last good checkpoint is kept in {out_dir}",
                          EXIT_UNHEALTHY)
+
+
+def check_world_size(out_dir: str, saved: int, current: int) -> None:
+    """A run resumes with the number of processes it was trained with: its BatchNorm statistics
+    are taken over the B/N images of each rank (distributed.py), so another N changes the results."""
+    if saved != current:
+        raise RunStopped(f"the checkpoint in {out_dir} was trained by {saved} process(es) (torchrun's world "
+                         f"size) and this run has {current}: resume with {saved}, or choose another "
+                         f"--out-dir", EXIT_BAD_INPUT)
 
 
 def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, scheduler) -> dict:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import baselines
 import data as datasets
+import distributed
 from ema import IndependentTeacher, PeerMeanTeacher, ema_lag_warning, initialise_teacher
 from losses import DECAYS, decay_weight, distillation_objective, rampup
 from models import ARCHS, MultiPeerNet
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
            "weights stay fp32); auto: bf16 on CUDA and on a CPU with native bf16, fp32 elsewhere")
     a("--compile", action="store_true",
       help="torch.compile the forward passes of the trained networks (and teacher)")
+    a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks (CUDA; default per rank)")
     a("--collapse-threshold", type=float, default=0.01,
       help="stop when the deployed model's mean logit norm falls below this (collapse, paper Sec. 3.3)")
     a("--val-size", type=int, default=0,
@@ -336,8 +338,8 @@ def train_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor, wei
 def train_epoch(args, method, optimizer, data, epoch: int, state: dict) -> dict:
     """One epoch; the device is synchronised once, at its end, for the logged means."""
     weights = epoch_weights(args, epoch)
-    batches = datasets.train_batches(data, args.batch_size, method.num_views,
-                                     datasets.epoch_generator(args.seed, epoch, data.device))
+    generator = datasets.epoch_generator(args.seed, epoch, data.device)
+    batches = datasets.train_batches(data, args.batch_size, method.num_views, generator, distributed.part())
     num_batches = datasets.num_train_batches(data, args.batch_size)
     totals: dict[str, torch.Tensor] = {}
     method.set_mode(True)
@@ -349,7 +351,7 @@ def train_epoch(args, method, optimizer, data, epoch: int, state: dict) -> dict:
         state["step"] += 1
         for name, value in {"loss": loss.detach(), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value.float()
-    means = {name: value.item() / num_batches for name, value in totals.items()}  # the one sync
+    means = {k: v.item() / num_batches for k, v in distributed.end_of_epoch(method, totals).items()}  # sync
     seconds = time.perf_counter() - start
     means["train_acc"] = 100.0 * means.pop("correct")
     return {**weights, **means, "epoch_seconds": seconds,
@@ -362,13 +364,14 @@ def evaluate(method, data, batch_size: int, precision: str, split: str = "test")
     every output of SPEC.md Sec. 4 (eval-mode BatchNorm)."""
     method.set_mode(False)
     correct: dict[str, torch.Tensor] = {}
-    for images, labels in datasets.test_batches(data, batch_size, split):
+    share = distributed.evaluation_share(data, split)  # torchrun: this rank's part of the split
+    for images, labels in datasets.test_batches(share, batch_size, split):
         with autocast(data.device, precision):
             logits = method.eval_logits(images)
         for name, value in logits.items():
             correct[name] = correct.get(name, 0) + (value.argmax(-1) == labels).sum()
     prefix, total = ("acc" if split == "test" else "val_acc"), getattr(data, f"{split}_labels").numel()
-    accuracies = {f"{prefix}_{name}": 100.0 * value.item() / total for name, value in correct.items()}
+    accuracies = {f"{prefix}_{k}": 100.0 * v.item() / total for k, v in distributed.summed(correct).items()}
     deployed = [accuracies[f"{prefix}_{key}"] for key in method.deployed_keys()]
     accuracies[f"{prefix}_deployed_mean"] = sum(deployed) / len(deployed)
     return accuracies
@@ -376,7 +379,7 @@ def evaluate(method, data, batch_size: int, precision: str, split: str = "test")
 
 def start_or_resume(args, method, optimizer, scheduler, data, config: dict) -> dict:
     """A fresh run (teacher initialisation included) or the state of the checkpoint."""
-    if not args.resume:
+    if not args.resume:  # rundir.hold_run_dir made the directory and refuses one that holds a run
         write_json(config, os.path.join(args.out_dir, "config.json"))
         method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))
         return {"epoch": 0, "step": 0, "history": []}
@@ -387,7 +390,6 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: pick the fastest kernels once
-    rundir.prepare(args.out_dir, args.resume)
     try:
         data = datasets.load_data(args.dataset, args.data_dir, device, seed=args.seed)
         datasets.check_batch_size(data, args.batch_size, args.val_size)
@@ -401,6 +403,7 @@ def run(args: argparse.Namespace) -> dict:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     config = config_of(args, device)
     state = start_or_resume(args, method, optimizer, scheduler, data, config)
+    distributed.prepare(method, args)  # torchrun: DDP, rank 0's weights everywhere (distributed.py)
     lag = hasattr(method, "teacher") and ema_lag_warning(args.ema_decay, datasets.num_train_batches(
         data, args.batch_size), args.epochs)
     if lag:
@@ -427,8 +430,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
     try:
-        with STOP:
-            summary = run(args)
+        with distributed.session(args), STOP:  # torchrun's process group, the run-directory lock
+            print(summary_table(run(args)))
     except RunStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -436,7 +439,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: every finished epoch is saved in {args.out_dir}; continue with the same "
               f"command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(summary_table(summary))
     return 0
 
 

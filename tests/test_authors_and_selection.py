@@ -99,13 +99,15 @@ def test_validation_split_is_disjoint_stratified_and_seeded():
     # Stratified: each class's share is within one image of 50 * N_c / 256.
     counts = torch.bincount(full.train_labels, minlength=10).double()
     assert (torch.bincount(split.val_labels, minlength=10) - 50 * counts / 256).abs().max() < 1
-    again, other = datasets.hold_out_validation(full, 50, seed=3), datasets.hold_out_validation(full, 50, seed=4)
-    assert torch.equal(again.val_images, split.val_images) and not torch.equal(other.val_images, split.val_images)
+    again, other = (datasets.hold_out_validation(full, 50, seed=s) for s in (3, 4))
+    assert torch.equal(again.val_images, split.val_images)
+    assert not torch.equal(other.val_images, split.val_images)
 
 
 def test_deployed_model_is_chosen_on_validation(tmp_path, small_data):
     assert train.main(["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "3", "--batch-size", "32",
-                       "--device", "cpu", "--out-dir", str(tmp_path), "--val-size", "64", "--ema-decay", "0.9"]) == 0
+                       "--device", "cpu", "--out-dir", str(tmp_path), "--val-size", "64",
+                       "--ema-decay", "0.9"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = [json.loads(json.dumps(r)) for r in train.rundir.torch.load(tmp_path / "checkpoint.pt",
                                                                       weights_only=True)["history"]]

@@ -1,0 +1,207 @@
+"""train.py on several processes, started by torchrun (README, "Beyond one GPU").
+
+    torchrun --nproc_per_node 4 train.py --dataset cifar100 --arch resnet110
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint host:29500 train.py ...
+
+Nothing here changes a single process (a plain `python train.py`, or torchrun with one process):
+every function below then does nothing but take the run-directory lock. Under torchrun the N
+processes ("ranks"; N is the world size) train one run together:
+
+- Batches. `--batch-size` stays the global batch B. Every rank draws the random numbers of each
+  global batch (order, crops, flips) from the same (seed, epoch) generator exactly as one process
+  draws them, and makes only its rows [rank * B/N, (rank + 1) * B/N) (data.train_batches, `part`),
+  so the N slices together are the one-process batch, bit for bit.
+- Student. Its training forward runs through DistributedDataParallel (DDP), which averages the
+  gradients over the ranks during the backward pass. Every loss is a mean over the batch, so the
+  averaged gradient is the gradient of the global batch's mean loss, and every rank takes the same
+  optimizer step. The EMA of Eq. (5) keeps pairing the student's own (unwrapped) parameters.
+- Teacher. Its initialisation (Sec. 3.3) runs on the full global batches on every rank, as in one
+  process, and then rank 0's weights are broadcast, so that the ranks start from one teacher to the
+  bit whatever their devices' arithmetic; Eq. (5) from identical students keeps it identical.
+- BatchNorm. In training each rank normalises over its own B/N images (so N ranks are not
+  bit-identical to one process), or with --sync-bn over the global batch (SyncBatchNorm; CUDA only).
+  The running statistics are rank 0's, broadcast at the end of every epoch: the evaluation and the
+  checkpoint see one model.
+- Logging and evaluation. The epoch's sums are averaged over the ranks in one all-reduce; each rank
+  evaluates its share of the test split and the correct counts are summed.
+- Files and messages. Rank 0 alone writes the run directory (rundir.atomic_write), holds its lock
+  (rundir.hold_run_dir) and prints. Every rank meets the same stops (bad input, a non-finite mean
+  loss), and the others end with rank 0's exit code without a word.
+- Failures. torchrun stops every rank when one ends with an error, and prints its own report. A
+  rank that dies breaks the others' collectives: on the CPU (gloo) rank 0 notices at once and says
+  so in one line (exit code 5) before torchrun stops it; with NCCL the collectives wait, so
+  torchrun's report, which names the rank, is the message. The run continues from its last
+  finished epoch, which rank 0 saved once every rank had finished it, with --resume and the same
+  world size (rundir.check_world_size).
+"""
+import contextlib
+import os
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import data as datasets
+from rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
+
+# Where a method keeps its training forward: train.OnlineDistillation (PCL, DK, DKEL) and
+# baselines.PeerMethod (the methods of Table 1).
+FORWARDS = ("student_forward", "train_outputs")
+
+
+def part() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def session(args):
+    """One process's whole run. Records the world size in `args` (config.json); under torchrun
+    joins the process group and turns a broken collective into one line on rank 0; in every case
+    rank 0 holds the run-directory lock. The other ranks leave the one-line messages to rank 0."""
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.world_size > 1:
+                join(args, rank, stack)
+            lock(args, rank, stack)
+            if args.world_size > 1:
+                data_once_per_node(args)
+            yield
+    except (RunStopped, KeyboardInterrupt) as stop:
+        if rank > 0:  # rank 0 prints the same stop
+            raise SystemExit(getattr(stop, "exit_code", EXIT_INTERRUPTED)) from None
+        raise
+    except RuntimeError as error:  # a collective whose peer is gone (gloo raises at once)
+        if args.world_size == 1 or not (isinstance(error, dist.DistError) or "gloo" in str(error)):
+            raise
+        if rank > 0:
+            raise SystemExit(EXIT_RANK_LOST) from None
+        reason = " ".join(str(error).split()).split("] ", 1)[-1][:150]  # one line, no source path
+        raise RunStopped(f"another rank of this torchrun run stopped, so rank 0 cannot go on ({reason}); "
+                         f"every finished epoch is saved in {args.out_dir}: run the same torchrun "
+                         f"command with --resume to continue", EXIT_RANK_LOST) from None
+
+
+def join(args, rank: int, stack: contextlib.ExitStack) -> None:
+    """Check the flags that depend on N, and join torchrun's process group: NCCL on CUDA (each rank
+    on the GPU of its LOCAL_RANK), gloo on the CPU. The other ranks' output is silenced (rank 0
+    prints the epoch lines, the progress bar and the summary); their crashes still show."""
+    cuda = args.device.startswith("cuda")
+    if args.batch_size % args.world_size:
+        raise RunStopped(f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
+                         f"{args.world_size} processes of this torchrun run", EXIT_BAD_INPUT)
+    if args.sync_bn and not cuda:
+        raise RunStopped("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)", EXIT_BAD_INPUT)
+    if cuda:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    stack.callback(dist.destroy_process_group)
+    if rank > 0:
+        devnull = stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(devnull))
+        stack.enter_context(contextlib.redirect_stderr(devnull))
+
+
+def lock(args, rank: int, stack: contextlib.ExitStack) -> None:
+    """Rank 0 holds the run directory for the whole run (rundir.hold_run_dir) and tells the
+    other ranks whether it got it; without it every rank stops (rank 0 says why)."""
+    refused = None
+    if rank == 0:
+        try:
+            stack.enter_context(hold_run_dir(args.out_dir, args.resume))
+        except RunStopped as stop:
+            refused = stop
+    if args.world_size > 1:
+        flag = torch.tensor(int(refused is not None), device=args.device)  # NCCL sends CUDA tensors only
+        dist.broadcast(flag, 0)
+        if flag.item() and refused is None:
+            refused = RunStopped("rank 0 could not lock the run directory", EXIT_BAD_INPUT)
+    if refused is not None:
+        raise refused
+
+
+def data_once_per_node(args) -> None:
+    """One process per node (LOCAL_RANK 0) downloads, decodes and caches the data set while the
+    others wait: torchvision's download and the caches of data.py are not safe for several writers
+    at once. The others then find it ready (so this process loads it twice, once here)."""
+    if os.environ["LOCAL_RANK"] == "0":
+        try:
+            datasets.load_data(args.dataset, args.data_dir, "cpu", seed=args.seed)
+        except datasets.DataError as error:
+            raise RunStopped(str(error), EXIT_BAD_INPUT) from None
+    dist.all_reduce(torch.zeros(1, device=args.device))  # a barrier, on the device NCCL needs
+
+
+class TrainingForward(torch.nn.Module):
+    """A method's trained modules as one module whose forward is the method's own training
+    forward, so that DDP, which averages the gradients of a module's parameters, wraps it as is."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], forward):
+        super().__init__()
+        self.trained = torch.nn.ModuleDict(modules)
+        object.__setattr__(self, "run", forward)  # not a submodule, even when compiled
+
+    def forward(self, *inputs):
+        return self.run(*inputs)
+
+
+def prepare(method, args) -> None:
+    """After the start or the resumption, before the first step (nothing for one process): with
+    --sync-bn SyncBatchNorm in every network, rank 0's weights and statistics on every rank (the
+    initialised teacher too), and the training forward under DDP."""
+    if not dist.is_initialized():
+        return
+    modules = method.modules()
+    if args.sync_bn:  # in place, keeping the parameters: the optimizer and Eq. (5) still hold them
+        for module in modules.values():
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    broadcast(t for module in modules.values() for t in (*module.parameters(), *module.buffers()))
+    trained = {name: m for name, m in modules.items() if any(p.requires_grad for p in m.parameters())}
+    name = next(name for name in FORWARDS if hasattr(method, name))
+    device = torch.device(args.device)
+    # Buffers are not broadcast at every step: training reads no running statistic (end_of_epoch).
+    setattr(method, name, DistributedDataParallel(TrainingForward(trained, getattr(method, name)),
+                                                  device_ids=[device] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False))
+
+
+@torch.no_grad()
+def broadcast(tensors) -> None:
+    """Rank 0's values of the tensors on every rank."""
+    for tensor in tensors:
+        dist.broadcast(tensor, 0)
+
+
+def summed(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each value summed over the ranks, in one all-reduce (every rank has the same names)."""
+    if not dist.is_initialized():
+        return values
+    total = torch.stack(list(values.values()))
+    dist.all_reduce(total)
+    return dict(zip(values, total))
+
+
+def end_of_epoch(method, totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where the ranks agree after an epoch: rank 0's BatchNorm running statistics on every rank,
+    and the epoch's sums averaged over the ranks (the logged means of the global batches)."""
+    if not dist.is_initialized():
+        return totals
+    broadcast(b for module in method.modules().values() for b in module.buffers())
+    return {name: value / dist.get_world_size() for name, value in summed(totals).items()}
+
+
+def evaluation_share(data, split: str = "test"):
+    """This rank's share of the test (or validation) split (contiguous, the shares differ by one
+    image at most); the evaluation sums its correct counts over the ranks (`summed`)."""
+    rank, world = part()
+    if world == 1:
+        return data
+    images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+    return replace(data, **{f"{split}_images": images.tensor_split(world)[rank],
+                            f"{split}_labels": labels.tensor_split(world)[rank]})

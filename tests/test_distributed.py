@@ -1,0 +1,173 @@
+"""train.py under torchrun on the CPU (gloo, 2 processes, a tiny synthetic set): one run directory,
+the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, the
+run-directory lock, the world size and the flags that depend on it."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data as datasets
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json", ".lock"}
+FLAGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batch-size", "32",
+         "--device", "cpu"]
+
+# The launched train.py: the test's monkeypatch does not reach a subprocess, so this script gives
+# train.py a tiny synthetic set of its own (64 training and 32 test images: 2 steps of 2 x 16
+# images per epoch), saves every rank's networks after every epoch beside the run directory
+# (<out-dir>.rank<r>.epoch<e>.pt) for the test to compare, and with DIE_AT_EPOCH set lets rank 1
+# die at the start of that epoch (0-based), as a killed or crashed process does.
+WORKER = """
+import os, sys
+import torch
+sys.path.insert(0, os.environ["PROJECT"])
+import train
+rank, die_at = int(os.environ["RANK"]), int(os.environ.get("DIE_AT_EPOCH", -1))
+real_save, real_epoch = train.save_checkpoint, train.train_epoch
+
+def tiny(name, data_dir, device, seed=0):
+    images, labels = train.datasets.make_synthetic(96, seed)
+    return train.datasets.ImageData(name, images[:64], labels[:64], images[64:], labels[64:],
+                                    (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10)
+
+def save(out_dir, modules, optimizer, scheduler, state, config):
+    nets = {name: module.state_dict() for name, module in modules.items()}
+    torch.save(nets, f"{out_dir}.rank{rank}.epoch{state['epoch']}.pt")
+    real_save(out_dir, modules, optimizer, scheduler, state, config)
+
+def epoch(args, method, optimizer, data, index, state):
+    if rank == 1 and index == die_at:
+        os._exit(1)
+    return real_epoch(args, method, optimizer, data, index, state)
+
+train.datasets.load_data, train.save_checkpoint, train.train_epoch = tiny, save, epoch
+sys.exit(train.main())
+"""
+
+
+def torchrun(out_dir, *flags, die_at=None):
+    """train.py (through WORKER) on 2 CPU processes; torchrun waits 2 s between its checks of the
+    workers, so that rank 0 has the time to say that rank 1 died before torchrun stops it."""
+    worker = out_dir.parent / "worker.py"
+    worker.write_text(WORKER)
+    env = {**os.environ, "PROJECT": ROOT, "OMP_NUM_THREADS": "1"}
+    if die_at is not None:
+        env["DIE_AT_EPOCH"] = str(die_at)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "--monitor-interval", "2", str(worker), *FLAGS, "--out-dir", str(out_dir), *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def nets(path):
+    return torch.load(path, weights_only=False)
+
+
+def read_metrics(out_dir):
+    with open(out_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 2-epoch DKEL run under torchrun, and what torchrun printed."""
+    out_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = torchrun(out_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir, result
+
+
+def test_torchrun_run_writes_one_run_directory(straight):
+    out_dir, result = straight
+    assert set(os.listdir(out_dir)) == RUN_FILES  # rank 0's files, no temporary left
+    run_dirs = [p for p in os.listdir(out_dir.parent) if os.path.isdir(out_dir.parent / p)]
+    assert run_dirs == ["run"]
+    assert json.load(open(out_dir / "config.json"))["world_size"] == 2
+    assert [row["epoch"] for row in read_metrics(out_dir)] == ["1", "2"]
+    assert result.stdout.count("epoch 1/2 ") == 1 and result.stdout.count("headline") == 1  # rank 0 only
+
+
+def test_teacher_and_student_are_identical_on_every_rank(straight):
+    out_dir, _ = straight
+    saved = {(r, e): nets(f"{out_dir}.rank{r}.epoch{e}.pt") for r in (0, 1) for e in (1, 2)}  # (rank, epoch)
+    for epoch in (1, 2):
+        for name in ("teacher", "student"):
+            rank0, rank1 = saved[0, epoch][name], saved[1, epoch][name]
+            assert rank0.keys() == rank1.keys()
+            for key, value in rank0.items():
+                assert torch.equal(value, rank1[key]), f"epoch {epoch} {name}.{key}"
+    checkpoint = nets(out_dir / "checkpoint.pt")  # what rank 0 saved is what every rank holds
+    assert all(torch.equal(v, checkpoint["teacher"][k]) for k, v in saved[1, 2]["teacher"].items())
+    moved = [not torch.equal(v, saved[1, 2]["teacher"][k]) for k, v in saved[1, 1]["teacher"].items()]
+    assert any(moved)  # Eq. (5) in epoch 2
+
+
+def test_a_dead_rank_stops_the_run_and_resume_continues_it_exactly(straight, tmp_path):
+    reference, _ = straight
+    out_dir = tmp_path / "run"
+    died = torchrun(out_dir, die_at=1)
+    assert died.returncode != 0
+    assert "another rank of this torchrun run stopped" in died.stderr
+    assert nets(out_dir / "checkpoint.pt")["epoch"] == 1 and len(read_metrics(out_dir)) == 1
+    resumed = torchrun(out_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = nets(reference / "checkpoint.pt"), nets(out_dir / "checkpoint.pt")
+    for name in ("student", "teacher"):
+        for key, value in a[name].items():
+            assert torch.equal(value, b[name][key]), f"{name}.{key}"
+    timing = {"epoch_seconds", "images_per_s"}
+    assert ([{k: v for k, v in row.items() if k not in timing} for row in read_metrics(reference)]
+            == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(out_dir)])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_the_ranks_slices_are_the_one_process_batch(world):
+    images, labels = datasets.make_synthetic(52, seed=0)  # 3 batches of 16, the last 4 images dropped
+    data = datasets.ImageData("synthetic", images, labels, images[:1], labels[:1], (0.5,) * 3, (0.25,) * 3,
+                              num_classes=10)
+
+    def epoch(part):
+        return list(datasets.train_batches(data, 16, 3, datasets.epoch_generator(0, 5, data.device), part))
+
+    single, slices = epoch((0, 1)), [epoch((rank, world)) for rank in range(world)]
+    assert len(single) == 3 and all(len(s) == 3 for s in slices)
+    for step, (views, labels) in enumerate(single):
+        parts = [s[step] for s in slices]
+        assert all(p[0].shape == (3, 16 // world, 3, 32, 32) for p in parts)
+        assert torch.equal(torch.cat([p[0] for p in parts], dim=1), views)
+        assert torch.equal(torch.cat([p[1] for p in parts]), labels)
+
+
+@pytest.mark.usefixtures("small_data")
+def test_the_lock_of_a_killed_holder_blocks_no_resume_and_another_world_size_is_refused(straight, capsys):
+    out_dir, _ = straight
+    resume = [*FLAGS, "--out-dir", str(out_dir), "--resume"]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(out_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert train.main(resume) == 2
+        assert f"another process is training into {out_dir}" in capsys.readouterr().err
+    finally:
+        holder.kill()  # SIGKILL, no clean-up: the operating system releases the lock
+        holder.wait()
+    # Past the lock, the resumption reaches the checkpoint, which 2 processes made: one is refused.
+    assert train.main(resume) == 2
+    assert "trained by 2 process(es) (torchrun's world size) and this run has 1" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("small_data")
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "32"], "--batch-size 32 is the global batch and must be divisible by the 3 "),
+    (["--sync-bn"], "--sync-bn needs CUDA"),
+])
+def test_flags_that_depend_on_the_world_size(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setenv("WORLD_SIZE", "3" if "--batch-size" in flags else "2")  # checked before joining
+    assert train.main([*FLAGS, "--out-dir", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
