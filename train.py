@@ -9,8 +9,8 @@ epoch by epoch minimises Eq. (2) or Eq. (12) (losses.py), with the ramp-up r(ep)
 the decaying weight w(ep), by SGD + Nesterov, updates the teacher by Eq. (5) after every
 optimizer step, and evaluates every student peer, the student ensemble, every teacher peer and
 the teacher ensemble (SPEC.md Sec. 4). The run directory (rundir.py) receives config.json,
-metrics.csv, checkpoint.pt (every epoch; --resume continues from it), deployable.pt and
-summary.json. The six compared methods of Table 1 (baselines.py) run through the same loop.
+metrics.csv, curves.png, checkpoint.pt (every epoch; --resume continues from it), deployable.pt
+and summary.json. The compared methods of Tables 1 and 2 (baselines.py) run through the same loop.
 """
 import argparse
 import contextlib
@@ -28,8 +28,9 @@ import data as datasets
 from ema import IndependentTeacher, PeerMeanTeacher
 from losses import DECAYS, cross_entropy_per_peer, decay_weight, distillation_objective, rampup
 from models import ARCHS, MultiPeerNet
-from rundir import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNHEALTHY, RunStopped, config_of,
-                    restore_checkpoint, save_checkpoint, summary_table, write_json, write_metrics, write_summary)
+from rundir import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_UNHEALTHY, RunStopped, config_of, plot_curves,
+                    restore_checkpoint, save_checkpoint, summary_table, write_json, write_metrics,
+                    write_summary)
 
 PAPER_EPOCHS = {"tinyimagenet": 100}               # Sec. 4.2; every other data set: 300
 PAPER_MILESTONES = {"tinyimagenet": (0.3, 0.6)}    # Sec. 4.2; every other data set: 50% and 75%
@@ -153,11 +154,8 @@ def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float) ->
     The loss is the mean over the teacher's peers of L_ce(t_j(x_j), y), each peer on its own view.
     Batches are (views (M, B, 3, H, W), labels (B,)). Returns the loss of each iteration.
     """
-    params = list(teacher.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
-    teacher.train()
+    teacher.requires_grad_(True).train()
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     losses = []
     batch_iter = iter(batches)
     for _ in range(iters):
@@ -167,21 +165,20 @@ def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float) ->
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    for p in params:  # from here on the teacher follows Eq. (5) alone
-        p.requires_grad_(False)
-        p.grad = None
+    teacher.requires_grad_(False).zero_grad(set_to_none=True)  # from here on it follows Eq. (5) alone
     return losses
 
 
-# The one list of methods, in the column order of the paper's Table 1 (dk: Table 3).
+# The one list of methods, in the column order of the paper's Table 1 (dk: Table 3; kd: Table 2).
 METHODS = {"dml": baselines.DML, "cl": baselines.CL, "one": baselines.ONE, "okddip": baselines.OKDDip,
-           "kdcl": baselines.KDCL, "pcl": PCL, "baseline": baselines.Baseline, "dk": DK, "dkel": DKEL}
+           "kdcl": baselines.KDCL, "pcl": PCL, "baseline": baselines.Baseline, "dk": DK, "dkel": DKEL,
+           "kd": baselines.KD}
 
 
-def build_method(args: argparse.Namespace, num_classes: int, device: torch.device):
+def build_method(args: argparse.Namespace, num_classes: int, device: torch.device, image_size: int = 32):
     """The method object of `args.method`, given the values its constructor names."""
     method_class = METHODS[args.method]
-    values = {**vars(args), "num_classes": num_classes, "device": device}
+    values = {**vars(args), "num_classes": num_classes, "image_size": image_size, "device": device}
     names = inspect.signature(method_class).parameters
     return method_class(**{name: values[name] for name in names})
 
@@ -196,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
     a("--arch", default="resnet32", help=f"architecture (paper Sec. 4.2, SPEC.md Sec. 5): {', '.join(ARCHS)}")
     a("--method", default="dkel", choices=list(METHODS),
-      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); the others: Table 1 "
-           "(SPEC.md Sec. 6)")
+      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); kd = offline KD (Table 2); "
+           "the others: Table 1 (SPEC.md Sec. 6)")
+    a("--teacher-run", help="kd: finished run whose deployable.pt is the frozen teacher (Table 2, Sec. 4.3)")
     a("--decay", default="exp", choices=DECAYS,
       help="w(ep) in Eq. (12): exp = Eq. (11) (paper), cos = Eq. (13), linear = Eq. (14)")
     a("--beta", type=float, default=0.5,
@@ -260,6 +258,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     min_peers = METHODS[args.method].min_peers
     checks = [
         (args.beta < 0, f"--beta must be >= 0, got {args.beta}"),
+        (args.teacher_run is not None and args.method != "kd", "--teacher-run is for --method kd only"),
         (args.num_peers < min_peers,
          f"--method {args.method} needs --num-peers >= {min_peers}, got {args.num_peers}"),
         (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
@@ -410,7 +409,7 @@ def run(args: argparse.Namespace) -> dict:
         data = datasets.load_data(args.dataset, args.data_dir, device, seed=args.seed)
     except datasets.DataError as error:
         raise RunStopped(str(error), EXIT_BAD_INPUT) from None
-    method = build_method(args, data.num_classes, device)
+    method = build_method(args, data.num_classes, device, data.image_shape[-1])
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, device=device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
@@ -427,8 +426,9 @@ def run(args: argparse.Namespace) -> dict:
         state["epoch"] = epoch + 1
         save_checkpoint(args.out_dir, method.modules(), optimizer, scheduler, state, config)
         write_metrics(os.path.join(args.out_dir, "metrics.csv"), state["history"])
+        plot_curves(args.out_dir, state["history"])
         print(epoch_line(row, args.epochs, state["history"], method.schedules), flush=True)
-    return write_summary(args, method, data.num_classes, state["history"])
+    return write_summary(args, method, data.num_classes, state["history"], data.image_shape[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
