@@ -1,4 +1,4 @@
-"""The six methods DKEL is compared with in Table 1 (paper Sec. 4.3; SPEC.md Sec. 6), whole:
+"""The methods DKEL is compared with in Tables 1 and 2 (paper Sec. 4.3; SPEC.md Sec. 6), whole:
 their networks and small pieces (ONE's gate, CL's gradient scaling, OKDDip's peer attention),
 their objectives, and how a training step and an evaluation use them.
 
@@ -9,9 +9,11 @@ their objectives, and how a training step and an evaluation use them.
 - `CL` (Song & Chai 2018, CL-ILR): shared trunk, M heads, the trunk's gradient scaled by 1/M.
 - `OKDDip` (Chen et al. 2020): shared trunk, M-1 auxiliary peers and a group leader, attention
   over the auxiliary peers.
+- `KD` (Hinton et al. 2015, Table 2's "KD" row): offline KD, one network and a frozen teacher,
+  the deployed model of a finished run.
 
 They reuse the paper's building blocks (models.MultiPeerNet, the KD loss of Eq. (1) and its
-leave-one-out forms from losses.py) and none of its teachers. Each method object answers what
+leave-one-out forms from losses.py) and none of its EMA teachers. Each method object answers what
 train.py asks of every method: which views a step needs (`num_views`), a step's loss and its
 named parts (`loss`), what follows an optimizer step (`after_step`, nothing here), the
 initialisation before training (`initialise`, nothing here), the test logits of every output
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from losses import (cross_entropy_per_peer, kd_loss, leave_one_out_kd, peer_ensemble_kd,
                     teacher_ensemble_without_self)
 from models import ARCHS, MultiPeerNet, global_pool
+from rundir import load_teacher
 
 
 def _named(total: torch.Tensor, **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -59,6 +62,17 @@ def dml_loss(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float, 
     kd = leave_one_out_kd(logits, logits, temperature).sum()
     # DML: L = sum_k [ L_ce(z_k, y) + lambda 1/(M-1) sum_{l != k} L_kd(z_l, z_k) ]
     return _named(ce + kd_weight * kd, ce=ce, kd=kd)
+
+
+def offline_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                    temperature: float, kd_weight: float, rampup: float):
+    """Offline KD: the one network's logits (1, B, C) learn from the labels and from the frozen
+    teacher's logits t (B, C), detached: the teacher is never trained.
+    NOTE(paper): lambda r(ep) scales the KD term as it scales every compared method's (SPEC.md)."""
+    ce = cross_entropy_per_peer(logits, labels).sum()
+    kd = kd_loss(teacher_logits.detach()[None], logits, temperature).sum()
+    # KD: L = L_ce(s, y) + lambda r(ep) L_kd(t, s), L_kd of Eq. (1) at temperature T
+    return _named(ce + kd_weight * rampup * kd, ce=ce, kd=kd)
 
 
 def min_logit_target(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,6 +213,7 @@ class Outputs(NamedTuple):
     logits: torch.Tensor                    # (M, B, C): every network or branch
     ensemble: torch.Tensor | None           # (B, C): the method's ensemble; None for the baseline
     attention: torch.Tensor | None = None   # (B, M-1, M-1): OKDDip's alpha
+    teacher: torch.Tensor | None = None     # (B, C): KD's frozen teacher
 
 
 class PeerMethod:
@@ -381,3 +396,36 @@ class OKDDip(SharedTrunkMethod):
 
     def output_names(self) -> list[str]:
         return [f"student_peer{i}" for i in range(self.net.num_peers - 1)] + ["leader"]
+
+
+class KD(PeerMethod):
+    """Offline KD: one plain network learns from a frozen teacher, the deployed model of the
+    finished run `teacher_run` (any architecture; classes and image size must match). The teacher
+    is not one of `modules()`: it is neither trained nor checkpointed (a resumed run reloads it
+    from `teacher_run`), and it stays in eval mode throughout."""
+    label = "KD"
+    min_peers = 1             # one network whatever --num-peers says
+
+    def __init__(self, arch: str, num_classes: int, image_size: int, device: torch.device, *,
+                 teacher_run: str | None, temperature: float, kd_weight: float, compile: bool = False):
+        teacher = load_teacher(teacher_run, num_classes, image_size)  # refused before anything is built
+        super().__init__(MultiPeerNet(arch, num_classes, 1, ensemble_head=False), device, compile)
+        self.teacher = teacher.to(device, memory_format=torch.channels_last)
+        self.temperature, self.kd_weight = temperature, kd_weight
+
+    def outputs(self, images: torch.Tensor) -> Outputs:
+        with torch.no_grad():  # the teacher gives a constant target; nothing of it is learned
+            teacher = self.teacher(images)                             # (B, C)
+        return Outputs(self.net(images).logits, None, teacher=teacher)
+
+    def objective(self, out: Outputs, labels: torch.Tensor, weights: dict[str, float]):
+        return offline_kd_loss(out.logits, out.teacher, labels, temperature=self.temperature,
+                               kd_weight=self.kd_weight, rampup=weights["rampup"])
+
+    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.outputs(images)
+        return {"student_peer0": out.logits[0], "teacher": out.teacher}
+
+    def set_mode(self, train: bool) -> None:
+        super().set_mode(train)
+        self.teacher.eval()   # frozen: eval-mode BatchNorm, its running statistics never move

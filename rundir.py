@@ -1,5 +1,6 @@
-"""The run directory of train.py: config.json, metrics.csv, checkpoint.pt, deployable.pt and
-summary.json (SPEC.md Sec. 4 for what the summary reports).
+"""The run directory of train.py: config.json, metrics.csv, curves.png, checkpoint.pt,
+deployable.pt and summary.json (SPEC.md Sec. 4 for what the summary reports), and the deployed
+model of a finished run read back as offline KD's frozen teacher (Table 2).
 
 Every file is written to a temporary name beside its final one and renamed, so a run killed at
 any moment leaves the previous version whole. The checkpoint holds every module, the
@@ -16,9 +17,12 @@ import math
 import os
 import signal
 import threading
+import sys
 
 import torch
 import torch.distributed as dist
+
+from models import ARCHS, build_deployable
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 EXIT_BAD_INPUT = 2       # a bad flag, size, path, data set or run directory: nothing was trained
@@ -247,8 +251,10 @@ def keep_if_best(out_dir: str, method, row: dict, history: list[dict]) -> None:
         atomic_save(method.deployable(key).state_dict(), os.path.join(out_dir, "deployable.pt"))
 
 
-def write_summary(args: argparse.Namespace, method, num_classes: int, history: list[dict]) -> dict:
-    """summary.json (and, without a validation split, deployable.pt).
+def write_summary(args: argparse.Namespace, method, num_classes: int, history: list[dict],
+                  image_size: int) -> dict:
+    """summary.json (and, without a validation split, deployable.pt); the image size is recorded
+    for offline KD, which refuses a teacher made for another size.
 
     The deployed model is chosen without looking at the test split: with --val-size, the output
     and epoch of the best validation accuracy, reported with its test accuracy; without, no
@@ -279,11 +285,21 @@ def write_summary(args: argparse.Namespace, method, num_classes: int, history: l
         "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch, "output": best_key,
                                                   "selected_on": "test split"},
         "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"], "arch": args.arch,
-                       "num_classes": num_classes, "load": "models.build_deployable(arch, num_classes)"},
+                       "num_classes": num_classes, "image_size": image_size,
+                       "load": "models.build_deployable(arch, num_classes)"},
         "train_seconds": sum(row["epoch_seconds"] for row in history),
     }
     write_json(summary, os.path.join(args.out_dir, "summary.json"))
     return summary
+
+
+def headline(summary: dict) -> float:
+    """A run's honest figure: the test accuracy of the model chosen on the validation split
+    (train.py --val-size), else the final-epoch mean over the deployed outputs (no selection)."""
+    selection = summary.get("selection", {})
+    if selection.get("on") == "validation split":
+        return selection["test_acc"]
+    return summary["headline_final_deployed_mean"]
 
 
 def summary_table(summary: dict) -> str:
@@ -311,3 +327,84 @@ def epoch_line(row: dict, epochs: int, history: list[dict], schedules: tuple[str
     return (f"epoch {row['epoch']}/{epochs} lr={row['lr']:.4g}{weights} {losses} "
             f"train {row['train_acc']:.2f}%{test} | {row['images_per_s']:.0f} img/s, "
             f"ETA {(epochs - row['epoch']) * seconds / 60:.1f} min")
+
+
+def load_teacher(teacher_run: str | None, num_classes: int, image_size: int) -> torch.nn.Module:
+    """Offline KD's teacher (Table 2): the deployed model of the finished train.py run
+    `teacher_run`, its architecture, classes and image size read from that run's summary.json,
+    frozen (no parameter requires a gradient) and in eval mode. Refused with one line and exit
+    code 2 when missing, unfinished, unreadable, or made for other classes or another image size."""
+    def refuse(why: str) -> RunStopped:
+        return RunStopped(f"--teacher-run {teacher_run}: {why} (offline KD, Table 2)", EXIT_BAD_INPUT)
+
+    if teacher_run is None:
+        raise RunStopped("--method kd needs --teacher-run DIR, a finished train.py run (Table 2)",
+                         EXIT_BAD_INPUT)
+    if not os.path.exists(os.path.join(teacher_run, "summary.json")):
+        raise refuse("not a finished run (no summary.json); finish it first")
+    try:
+        with open(os.path.join(teacher_run, "summary.json")) as f:
+            deployed = json.load(f)["deployable"]
+        # Runs written before summary.json recorded the image size: the size the arch was made for.
+        size = deployed.get("image_size", ARCHS[deployed["arch"]]().input_size)
+        teacher = build_deployable(deployed["arch"], deployed["num_classes"])
+        state = torch.load(os.path.join(teacher_run, deployed["file"]), map_location="cpu", weights_only=True)
+        teacher.load_state_dict(state)
+    except Exception as error:  # any unreadable file or mismatched state dict is a broken run to the user
+        raise refuse(f"cannot load its deployed model ({type(error).__name__})") from None
+    if (deployed["num_classes"], size) != (num_classes, image_size):
+        raise refuse(f"its model has {deployed['num_classes']} classes and {size}x{size} images, "
+                     f"this run {num_classes} and {image_size}x{image_size}")
+    return teacher.requires_grad_(False).eval()
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: figures go to files, no display is needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# metrics.csv columns that are not loss parts (everything else in a row is one).
+NOT_LOSSES = {"epoch", "lr", "w", "rampup", "logit_norm", "train_acc", "epoch_seconds", "images_per_s"}
+
+
+def draw_curves(path: str, history: list[dict]) -> None:
+    """Four panels against the epoch: accuracies, loss parts, w(ep) and r(ep), learning rate."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    epochs = [row["epoch"] for row in history]
+    evaluated = [row for row in history if "acc_deployed_mean" in row]
+    tested = [k for k in history[-1] if k == "acc_deployed_mean" or k.startswith("acc_student_peer")]
+    for key in tested:  # test accuracy: the deployed model bold black, the student peers thin
+        style = {"color": "black", "linewidth": 2.5} if key == "acc_deployed_mean" else {"linewidth": 1.0}
+        axes[0, 0].plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated], label=f"test {key[4:]}",
+                        **style)
+    axes[0, 0].plot(epochs, [r["train_acc"] for r in history], "--", color="grey", label="train (student)")
+    losses = [k for k in history[-1] if k not in NOT_LOSSES and not k.startswith("acc_")]
+    for key in losses:
+        axes[0, 1].plot(epochs, [r[key] for r in history], label=key)
+    for key, label in (("w", "w(ep), Eq. (11)/(13)/(14)"), ("rampup", "r(ep), ramp-up")):
+        if key in history[-1]:
+            axes[1, 0].plot(epochs, [r[key] for r in history], label=label)
+    axes[1, 1].plot(epochs, [r["lr"] for r in history], drawstyle="steps-post", label="learning rate")
+    axes[1, 1].set_yscale("log")
+    for ax, title in zip(axes.flat, ("accuracy (%)", "loss parts (epoch means)", "epoch weights", "lr")):
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    with atomic_write(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+
+
+def plot_curves(out_dir: str, history: list[dict]) -> None:
+    """Refresh curves.png in the run directory. A picture is a convenience: a failure to draw is
+    reported on one line and never stops the run."""
+    try:
+        draw_curves(os.path.join(out_dir, "curves.png"), history)
+    except Exception as error:  # matplotlib missing or broken, a full disk: the run goes on
+        print(f"warning: curves.png not drawn ({type(error).__name__}: {error})", file=sys.stderr)

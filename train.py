@@ -9,8 +9,8 @@ epoch by epoch minimises Eq. (2) or Eq. (12) (losses.py), with the ramp-up r(ep)
 the decaying weight w(ep), by SGD + Nesterov, updates the teacher by Eq. (5) after every
 optimizer step, and evaluates every student peer, the student ensemble, every teacher peer and
 the teacher ensemble (SPEC.md Sec. 4). The run directory (rundir.py) receives config.json,
-metrics.csv, checkpoint.pt (every epoch; --resume continues from it), deployable.pt and
-summary.json. The six compared methods of Table 1 (baselines.py) run through the same loop.
+metrics.csv, curves.png, checkpoint.pt (every epoch; --resume continues from it), deployable.pt
+and summary.json. The compared methods of Tables 1 and 2 (baselines.py) run through the same loop.
 """
 import argparse
 import inspect
@@ -153,15 +153,16 @@ class DKEL(DK):
     schedules = ("rampup", "w")
 
 
-# The one list of methods, in the column order of the paper's Table 1 (dk: Table 3).
+# The one list of methods, in the column order of the paper's Table 1 (dk: Table 3; kd: Table 2).
 METHODS = {"dml": baselines.DML, "cl": baselines.CL, "one": baselines.ONE, "okddip": baselines.OKDDip,
-           "kdcl": baselines.KDCL, "pcl": PCL, "baseline": baselines.Baseline, "dk": DK, "dkel": DKEL}
+           "kdcl": baselines.KDCL, "pcl": PCL, "baseline": baselines.Baseline, "dk": DK, "dkel": DKEL,
+           "kd": baselines.KD}
 
 
-def build_method(args: argparse.Namespace, num_classes: int, device: torch.device):
+def build_method(args: argparse.Namespace, num_classes: int, device: torch.device, image_size: int = 32):
     """The method object of `args.method`, given the values its constructor names."""
     method_class = METHODS[args.method]
-    values = {**vars(args), "num_classes": num_classes, "device": device}
+    values = {**vars(args), "num_classes": num_classes, "image_size": image_size, "device": device}
     names = inspect.signature(method_class).parameters
     return method_class(**{name: values[name] for name in names})
 
@@ -177,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
     a("--arch", default="resnet32", help=f"architecture (paper Sec. 4.2, SPEC.md Sec. 5): {', '.join(ARCHS)}")
     a("--method", default="dkel", choices=list(METHODS),
-      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); the others: Table 1 "
-           "(SPEC.md Sec. 6)")
+      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); kd = offline KD (Table 2); "
+           "the others: Table 1 (SPEC.md Sec. 6)")
+    a("--teacher-run", help="kd: finished run whose deployable.pt is the frozen teacher (Table 2, Sec. 4.3)")
     a("--decay", default="exp", choices=DECAYS,
       help="w(ep) in Eq. (12): exp = Eq. (11) (paper), cos = Eq. (13), linear = Eq. (14)")
     a("--beta", type=float, default=0.5,
@@ -255,6 +257,7 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     min_peers = METHODS[args.method].min_peers
     checks = [
         (args.beta < 0, f"--beta must be >= 0, got {args.beta}"),
+        (args.teacher_run is not None and args.method != "kd", "--teacher-run is for --method kd only"),
         (args.num_peers < min_peers,
          f"--method {args.method} needs --num-peers >= {min_peers}, got {args.num_peers}"),
         (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
@@ -397,7 +400,7 @@ def run(args: argparse.Namespace) -> dict:
             data = datasets.hold_out_validation(data, args.val_size, args.seed)
     except datasets.DataError as error:
         raise RunStopped(str(error), EXIT_BAD_INPUT) from None
-    method = build_method(args, data.num_classes, device)
+    method = build_method(args, data.num_classes, device, data.image_shape[-1])
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
@@ -422,9 +425,10 @@ def run(args: argparse.Namespace) -> dict:
         state["epoch"] = epoch + 1
         save_checkpoint(args.out_dir, method.modules(), optimizer, scheduler, state, config)
         write_metrics(os.path.join(args.out_dir, "metrics.csv"), state["history"])
+        rundir.plot_curves(args.out_dir, state["history"])
         print(rundir.epoch_line(row, args.epochs, state["history"], method.schedules), flush=True)
         STOP.check(args.out_dir, epoch + 1)
-    return write_summary(args, method, data.num_classes, state["history"])
+    return write_summary(args, method, data.num_classes, state["history"], data.image_shape[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

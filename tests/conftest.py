@@ -1,5 +1,6 @@
 """Make the flat top-level modules importable from tests/, keep the tests on 2 CPU threads, and
-share the tiny synthetic data set of the end-to-end tests."""
+share the tiny synthetic data set of the end-to-end tests and a finished run made by hand."""
+import json
 import os
 import sys
 from dataclasses import replace
@@ -12,6 +13,7 @@ torch.set_num_threads(2)
 
 import data as datasets  # noqa: E402  (after the path is set)
 import train  # noqa: E402
+from models import build_deployable  # noqa: E402
 
 REAL_LOAD = datasets.load_data
 
@@ -28,3 +30,15 @@ def small_data(monkeypatch):
     """train.py (and compare.py through it) loads the tiny set whatever --dataset says."""
     monkeypatch.setattr(train.datasets, "load_data", tiny_data)
     return tiny_data
+
+
+def fake_finished_run(path, arch="resnet8", num_classes=10, image_size=32):
+    """A finished run directory as offline KD reads it (summary.json's "deployable" entry and
+    deployable.pt), written by hand with a freshly initialised network; returns that network."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    net = build_deployable(arch, num_classes)
+    torch.save(net.state_dict(), path / "deployable.pt")
+    deployable = {"file": "deployable.pt", "arch": arch, "num_classes": num_classes, "image_size": image_size}
+    (path / "summary.json").write_text(json.dumps({"deployable": deployable}))
+    return net

@@ -1,4 +1,4 @@
-"""The compared methods of Table 1 (SPEC.md Sec. 6): each objective against an explicit loop over
+"""The compared methods of Tables 1 and 2 (SPEC.md Sec. 6): each objective against an explicit loop over
 networks or pairs and a case worked by hand, gradient flow (detached targets, CL's 1/M scaling,
 OKDDip's attention), and one training step through every method object."""
 import inspect
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import train
 from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss, kdcl_loss,
-                       min_logit_target, okddip_loss, one_loss, scale_gradient)
+                       min_logit_target, offline_kd_loss, okddip_loss, one_loss, scale_gradient)
+from conftest import fake_finished_run
 from models import MultiPeerNet, build_deployable
 
 T = 3.0
@@ -236,7 +237,8 @@ EXPECTED = {  # method: (views, eval keys, deployed key)
 
 
 def test_methods_are_listed_once_in_the_papers_order():
-    assert list(train.METHODS) == ["dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk", "dkel"]
+    assert list(train.METHODS) == ["dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk", "dkel",
+                                   "kd"]
     assert train.build_parser().parse_args(["--method", "okddip"]).method == "okddip"
     assert [train.METHODS[m].label for m in ("dk", "dkel", "okddip")] == ["PCL+L_dk", "DKEL", "OKDDip"]
 
@@ -294,3 +296,35 @@ def test_kdcl_gives_network_k_view_k_and_one_the_gated_ensemble():
 def test_baseline_ignores_num_peers():
     args = train.resolve_args(["--method", "baseline", "--num-peers", "5", "--device", "cpu"])
     assert train.build_method(args, 10, torch.device("cpu")).net.num_peers == 1
+
+
+def test_offline_kd_loss_by_hand():
+    # Two classes, label 0: the student s = (0, 0), the teacher t = (ln 3, 0), T = 2, lambda 2, r 0.5.
+    student, teacher = torch.zeros(1, 1, 2, requires_grad=True), torch.tensor([[math.log(3.0), 0.0]])
+    loss, parts = offline_kd_loss(student, teacher, torch.tensor([0]), temperature=2.0, kd_weight=2.0,
+                                  rampup=0.5)
+    p_teacher = [3 ** 0.5 / (3 ** 0.5 + 1), 1 / (3 ** 0.5 + 1)]      # softmax(t / 2)
+    kd = 4 * sum(p * math.log(p / 0.5) for p in p_teacher)           # T^2 KL(p_t || (1/2, 1/2))
+    assert parts["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert loss.item() == pytest.approx(math.log(2) + 2 * 0.5 * kd, rel=1e-5)
+
+
+def test_kd_teacher_is_loaded_frozen_and_never_checkpointed(tmp_path):
+    teacher_net = fake_finished_run(tmp_path, arch="resnet20")   # another architecture than the student
+    method = build("kd", teacher_run=str(tmp_path), image_size=32)
+    assert method.num_views == 1 and method.deployed_keys() == ["student_peer0"]
+    assert list(method.modules()) == ["student"]                 # reloaded from the teacher run on resume
+    views, labels = torch.randn(1, 4, 3, 32, 32), torch.randint(0, 10, (4,))
+    method.set_mode(True)
+    assert method.net.training and not method.teacher.training
+    loss, parts = method.loss(views, labels, {"rampup": 1.0, "w": 0.0})
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+    assert all(p.grad is not None for p in method.trainable_parameters())
+    with torch.no_grad():
+        logits = method.eval_logits(views[0])
+        expected = teacher_net.eval()(views[0])                  # the network saved in the run
+        student = method.net(views[0]).logits                    # (1, B, C), train mode as in the step
+    assert torch.allclose(logits["teacher"], expected, atol=1e-5)
+    assert parts["kd"].item() == pytest.approx(kl_reference(expected, student[0]).item(), rel=1e-4)

@@ -1,27 +1,45 @@
-"""compare.py: the Table 1 layout from tiny runs, missing runs listed, the paper's numbers."""
+"""compare.py: every experiment's table and figure from tiny runs (or from run directories written
+by hand), missing runs listed, the paper's numbers, --list / --cell, and the --gpus process pool."""
 import json
 import os
+import subprocess
+import threading
+import time
 
 import pytest
 
 import compare
 
 pytestmark = pytest.mark.usefixtures("small_data")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY_TRAINING = ["--", "--batch-size", "64", "--device", "cpu"]
+
+
+def finished_by_hand(runs_dir, name, final, best):
+    """A run directory whose summary.json says it finished with these accuracies."""
+    os.makedirs(runs_dir / name)
+    summary = {"headline_final_deployed_mean": final, "paper_convention_best_peer_best_epoch": {"acc": best}}
+    (runs_dir / name / "summary.json").write_text(json.dumps(summary))
 
 
 def test_paper_numbers_transcribed_from_spec():
     paper = compare.paper_numbers()
-    assert paper["cifar10", "resnet32", "dkel"] == (94.56, 0.06)
-    assert paper["cifar100", "wrn20_8", "okddip"] == (78.83, 0.06)
-    assert paper["cifar100", "densenet40_12", "baseline"] == (71.03, 0.15)
-    assert paper["tinyimagenet", "resnet34", "okddip"] == (56.82, 0.03)
-    assert paper["cifar100", "resnet32", "dk"] == (74.67, None)
-    assert len(paper) == 2 * 5 * 8 + 2 * 6 + 2
+    assert paper["cifar10", "resnet32", "dkel", ""] == (94.56, 0.06)
+    assert paper["cifar100", "wrn20_8", "okddip", ""] == (78.83, 0.06)
+    assert paper["cifar100", "densenet40_12", "baseline", ""] == (71.03, 0.15)
+    assert paper["tinyimagenet", "resnet34", "okddip", ""] == (56.82, 0.03)
+    assert paper["tinyimagenet", "resnet18", "kd", ""] == (53.25, 0.07)
+    assert paper["tinyimagenet", "resnet34", "kd", ""] == (53.70, 0.06)
+    assert paper["cifar100", "resnet32", "dk", ""] == (74.67, None)
+    assert paper["cifar10", "vgg16", "dkel", "beta0.5"] == (94.89, 0.10)      # Table 4, row 4
+    assert paper["cifar100", "resnet32", "dkel", "k5"] == (74.96, None)      # Fig. 6's text
+    # Table 1: 2 x 5 x 8; Table 2: 2 x 7; Table 3's +L_dk: 2; Table 4's row 4: 4; Fig. 6: 4.
+    assert len(paper) == 80 + 14 + 2 + 4 + 4
 
 
 def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "pcl", "dkel", "--seeds", "0", "1",
-            "--epochs", "1", "--runs-dir", str(tmp_path), "--", "--batch-size", "64", "--device", "cpu"]
+            "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
     assert compare.main(argv) == 0
     finals = []
     for seed in (0, 1):
@@ -29,12 +47,12 @@ def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
             finals.append(json.load(f)["headline_final_deployed_mean"])
     mean = (finals[0] + finals[1]) / 2
     std = abs(finals[0] - finals[1]) / 2 ** 0.5  # sample std of two values
-    table = (tmp_path / "compare_synthetic.md").read_text()
-    assert "| resnet8 | " in table and f"{mean:.2f}±{std:.2f} (n=2)" in table
-    assert (tmp_path / "compare_synthetic.png").stat().st_size > 1000
+    table = (tmp_path / "table1_synthetic.md").read_text()
+    assert "| synthetic resnet8 | " in table and f"{mean:.2f}±{std:.2f} (n=2)" in table
+    assert (tmp_path / "table1_synthetic.png").read_bytes()[:8] == PNG_SIGNATURE
     # Read-only: a run that does not exist is listed, not skipped, and the exit code says so.
     assert compare.main(argv[:6] + ["--seeds", "0", "7", "--read-only", "--runs-dir", str(tmp_path)]) == 1
-    table = (tmp_path / "compare_synthetic.md").read_text()
+    table = (tmp_path / "table1_synthetic.md").read_text()
     assert f"{os.path.join(str(tmp_path), 'synthetic_resnet8_pcl_seed7')}: missing" in table
     assert "(n=1)" in table
 
@@ -43,4 +61,147 @@ def test_failed_run_is_listed(tmp_path):
     argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "dkel", "--seeds", "0",
             "--epochs", "1", "--runs-dir", str(tmp_path), "--", "--beta", "-1"]
     assert compare.main(argv) == 1
-    assert "failed (exit code 2)" in (tmp_path / "compare_synthetic.md").read_text()
+    assert "failed (exit code 2)" in (tmp_path / "table1_synthetic.md").read_text()
+
+
+def test_table2_trains_kd_from_its_baseline_run(tmp_path):
+    argv = ["--experiment", "table2", "--archs", "resnet8", "--methods", "baseline", "kd", "--seeds", "0",
+            "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
+    assert compare.main(argv) == 0       # tinyimagenet by name; the fixture loads the tiny synthetic set
+    kd_dir = tmp_path / "tinyimagenet_resnet8_kd_teacher-resnet8_seed0"
+    with open(kd_dir / "config.json") as f:
+        assert json.load(f)["teacher_run"] == str(tmp_path / "tinyimagenet_resnet8_baseline_seed0")
+    finals = []
+    for name in ("tinyimagenet_resnet8_baseline_seed0", kd_dir.name):
+        with open(tmp_path / name / "summary.json") as f:
+            finals.append(json.load(f)["headline_final_deployed_mean"])
+    table = (tmp_path / "table2_tinyimagenet.md").read_text()
+    assert "| network | Baseline | KD |" in table
+    assert f"| tinyimagenet resnet8 | {finals[0]:.2f} (n=1) | {finals[1]:.2f} (n=1) |" in table
+    assert "baseline run of the same network, same seed" in table
+    assert (tmp_path / "table2_tinyimagenet.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# Each experiment read back from one run directory written by hand (nothing is trained): its header,
+# the hand-written run in its cell, a row with the paper's numbers, and the number of missing runs.
+READ_BACK = {
+    "table3": ("cifar100_resnet32_dk_seed0",
+               "| network | PCL | PCL+L_dk | DKEL |",
+               "| cifar100 resnet32 | — (74.14±0.05) | 61.50 (n=1) (74.67) | — (74.83±0.12) |",
+               "| cifar10 resnet32 | — (94.33±0.06) | — (94.54) | — (94.56±0.06) |", 5),
+    "table4": ("cifar100_densenet40_12_dkel_beta0.2_seed0",
+               "| setting | vgg16 cifar10 | vgg16 cifar100 | densenet40_12 cifar10 | densenet40_12 "
+               "cifar100 |",
+               "| β = 0.2 | — | — | — | 61.50 (n=1) |",
+               "| β = 0.5 | — (94.89±0.10) | — (77.20±0.12) | — (94.23±0.08) "
+               "| — (72.78±0.18) |", 19),
+    "fig6": ("cifar10_densenet40_12_dkel_k20_seed0",
+             "| setting | resnet32 cifar10 | resnet32 cifar100 | densenet40_12 cifar10 | densenet40_12 "
+             "cifar100 |",
+             "| k = 20 | — | — | 61.50 (n=1) | — |",
+             "| k = 1 | — (94.56) | — (74.83) | — | — |", 19),
+    "fig7": ("cifar10_resnet32_dkel_decaycos_seed0",
+             "| setting | resnet32 cifar10 | resnet32 cifar100 |",
+             "| decay = cos | 61.50 (n=1) | — |",
+             "| decay = linear | — | — |", 5),
+}
+
+
+@pytest.mark.parametrize("experiment", list(READ_BACK))
+def test_each_experiment_reads_its_runs_back(tmp_path, experiment):
+    name, header, ours, papers, missing = READ_BACK[experiment]
+    finished_by_hand(tmp_path, name, 61.5, 62.25)
+    if experiment == "fig7":
+        (tmp_path / name / "metrics.csv").write_text("epoch,acc_deployed_mean\n1,40.0\n2,61.5\n")
+    argv = ["--experiment", experiment, "--seeds", "0", "--runs-dir", str(tmp_path), "--read-only"]
+    assert compare.main(argv) == 1
+    table = (tmp_path / f"{experiment}_cifar10_cifar100.md").read_text()
+    assert header in table and ours in table and papers in table
+    assert ours.replace("61.50", "62.25") in table              # the best-epoch table
+    assert table.count(": missing") == missing
+    assert f"{name}: missing" not in table
+    assert (tmp_path / f"{experiment}_cifar10_cifar100.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_table3_and_table4_say_what_the_paper_has_that_we_do_not(tmp_path):
+    assert compare.main(["--experiment", "table3", "--runs-dir", str(tmp_path), "--read-only"]) == 1
+    assert "94.35 (CIFAR-10) / 74.64 (CIFAR-100)" in (tmp_path / "table3_cifar10_cifar100.md").read_text()
+    assert compare.main(["--experiment", "table4", "--runs-dir", str(tmp_path), "--read-only"]) == 1
+    table = (tmp_path / "table4_cifar10_cifar100.md").read_text()
+    printed = ["94.62 76.87 93.95 73.36", "94.25 76.73 93.97 73.21", "94.59 76.74 93.85 72.82",
+               "94.89 77.20 94.23 72.78", "94.79 76.76 93.64 72.75"]     # paper.txt, Table 4
+    for i, row in enumerate(printed, 1):
+        assert f"| {i} | " + " | ".join(row.split()) + " |" in table
+
+
+def test_deployed_curve_reads_the_evaluated_epochs(tmp_path):
+    rows = "epoch,lr,acc_deployed_mean\n1,0.1,\n2,0.1,50.5\n3,0.01,\n4,0.01,60.0\n"  # evaluated every 2nd
+    (tmp_path / "metrics.csv").write_text(rows)
+    assert compare.deployed_curve(str(tmp_path)) == {2: 50.5, 4: 60.0}
+
+
+def test_list_prints_the_grid_and_cell_trains_one_run(tmp_path, capsys):
+    argv = ["--experiment", "fig6", "--dataset", "synthetic", "--archs", "resnet8", "--seeds", "0",
+            "--epochs", "1", "--runs-dir", str(tmp_path)]
+    assert compare.main([*argv, "--list", *TINY_TRAINING]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    for line, k in zip(lines, (1, 2, 5, 10, 20)):
+        assert line.startswith("python train.py --dataset synthetic --arch resnet8 --method dkel --seed 0")
+        assert f"synthetic_resnet8_dkel_k{k}_seed0 --init-iters {k} --epochs 1" in line
+        assert line.endswith("--batch-size 64 --device cpu")
+    assert compare.main([*argv, "--cell", "3", *TINY_TRAINING]) == 0
+    assert os.listdir(tmp_path) == ["synthetic_resnet8_dkel_k10_seed0"]
+    with open(tmp_path / "synthetic_resnet8_dkel_k10_seed0" / "config.json") as f:
+        config = json.load(f)
+    assert (config["init_iters"], config["epochs"], config["batch_size"]) == (10, 1, 64)
+    assert (tmp_path / "synthetic_resnet8_dkel_k10_seed0" / "summary.json").exists()
+    capsys.readouterr()
+    assert compare.main([*argv, "--cell", "3"]) == 0
+    assert "has finished; nothing to train" in capsys.readouterr().out
+    assert compare.main([*argv, "--cell", "5"]) == 2
+    assert "outside the grid's runs 0..4" in capsys.readouterr().err
+
+
+def test_list_puts_a_kd_teacher_run_before_its_student(tmp_path, capsys):
+    argv = ["--experiment", "table2", "--dataset", "synthetic", "--archs", "resnet8", "--methods", "kd",
+            "--kd-teacher-arch", "resnet20", "--seeds", "0", "--runs-dir", str(tmp_path), "--list"]
+    assert compare.main(argv) == 0
+    teacher_line, student_line = capsys.readouterr().out.splitlines()
+    teacher_dir = os.path.join(str(tmp_path), "synthetic_resnet20_baseline_seed0")
+    assert f"--arch resnet20 --method baseline --seed 0 --out-dir {teacher_dir}" in teacher_line
+    assert student_line.endswith(f"synthetic_resnet8_kd_teacher-resnet20_seed0 --teacher-run {teacher_dir}")
+
+
+def test_gpus_run_one_child_per_listed_device_at_a_time(tmp_path, monkeypatch):
+    lock, running, spans = threading.Lock(), {}, []
+
+    def child(cmd, stdout, stderr, env):  # stands in for `python train.py ...` on one GPU
+        gpu, start = env["CUDA_VISIBLE_DEVICES"], time.monotonic()
+        with lock:
+            running[gpu] = running.get(gpu, 0) + 1
+            overlap = running[gpu]
+        time.sleep(0.1)
+        with lock:
+            running[gpu] -= 1
+            spans.append((cmd, gpu, overlap, start, time.monotonic()))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", child)
+    argv = ["--experiment", "table2", "--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline",
+            "kd", "dml", "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--gpus", "3", "5", "--",
+            "--batch-size", "64"]
+    assert compare.main(argv) == 1       # the stand-ins write no summary: every run is listed missing
+    assert len(spans) == 6 and {gpu for _, gpu, _, _, _ in spans} == {"3", "5"}
+    assert all(overlap == 1 for _, _, overlap, _, _ in spans)    # never two runs on one device
+    for cmd, _, _, _, _ in spans:
+        assert cmd[1].endswith("train.py") and cmd[-4:] == ["--device", "cuda", "--batch-size", "64"]
+        out_dir = cmd[cmd.index("--out-dir") + 1]
+        assert os.path.exists(os.path.join(out_dir, "train.log"))
+    # Both devices worked at once, and each kd run started after its teacher run had ended.
+    starts = sorted(start for _, _, _, start, _ in spans)
+    assert starts[1] < min(end for _, _, _, _, end in spans)
+    ends = {cmd[cmd.index("--out-dir") + 1]: end for cmd, _, _, _, end in spans}
+    for cmd, _, _, start, _ in spans:
+        if "--teacher-run" in cmd:
+            assert start >= ends[cmd[cmd.index("--teacher-run") + 1]]

@@ -1,4 +1,5 @@
-"""train.py end to end on a tiny synthetic set: files, resume equality, bad input, Eq. (5) only."""
+"""train.py end to end on a tiny synthetic set: files, resume equality, bad input, Eq. (5) only,
+offline KD from a finished run."""
 import csv
 import json
 import os
@@ -7,12 +8,14 @@ import pytest
 import torch
 
 import data as datasets
+import rundir
 import train
-from conftest import tiny_data
+from conftest import fake_finished_run, tiny_data
 from models import build_deployable
 
 pytestmark = pytest.mark.usefixtures("small_data")
-RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json"}
+RUN_FILES = {"config.json", "metrics.csv", "curves.png", "checkpoint.pt", "deployable.pt", "summary.json"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def args_for(out_dir, *extra):
@@ -29,6 +32,7 @@ def read_metrics(out_dir):
 def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
     assert train.main(args_for(tmp_path, "--method", method)) == 0
     assert RUN_FILES <= set(os.listdir(tmp_path))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
     rows = read_metrics(tmp_path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for key in ("lr", "w", "rampup", "loss", "ce", "pe", "train_acc", "acc_student_peer0",
@@ -124,3 +128,56 @@ def test_non_finite_loss_stops_the_run_and_keeps_no_bad_checkpoint(tmp_path, cap
     assert train.main(args_for(tmp_path, "--lr", "1e30", "--rampup-epochs", "0")) == 3
     assert "the loss became" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint.pt").exists()  # the diverged epoch 1 is never saved
+
+
+def test_a_failure_to_draw_the_curves_never_stops_a_run(tmp_path, monkeypatch, capsys):
+    def broken(path, history):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(rundir, "draw_curves", broken)
+    assert train.main(args_for(tmp_path, "--method", "baseline", "--epochs", "1")) == 0
+    assert "curves.png not drawn (RuntimeError: no backend)" in capsys.readouterr().err
+    assert (tmp_path / "summary.json").exists() and not (tmp_path / "curves.png").exists()
+
+
+def test_kd_learns_from_a_finished_run_of_another_network(tmp_path):
+    teacher, student = tmp_path / "teacher", tmp_path / "kd"
+    assert train.main(args_for(teacher, "--method", "baseline", "--arch", "resnet20", "--epochs", "1")) == 0
+    assert train.main(args_for(student, "--method", "kd", "--teacher-run", str(teacher))) == 0
+    taught = json.load(open(teacher / "summary.json"))
+    teacher_accuracy = taught["final"][f"acc_{taught['deployable']['output']}"]
+    rows = read_metrics(student)
+    # The teacher is the network the teacher run deployed, and it never changes: its test accuracy is
+    # the teacher run's, at every epoch.
+    assert [float(r["acc_teacher"]) for r in rows] == pytest.approx([teacher_accuracy] * 2)
+    assert "kd" in rows[0] and float(rows[0]["kd"]) > 0
+    summary = json.load(open(student / "summary.json"))
+    assert summary["deployable"]["output"] == "student_peer0"
+    assert summary["headline_final_deployed_mean"] == summary["final"]["acc_student_peer0"]
+    assert json.load(open(student / "config.json"))["teacher_run"] == str(teacher)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no flag", "--method kd needs --teacher-run DIR"),
+    ("no such run", "not a finished run (no summary.json)"),
+    ("unfinished", "not a finished run (no summary.json)"),
+    ("other classes", "its model has 100 classes and 32x32 images, this run 10 and 32x32"),
+    ("other size", "its model has 10 classes and 64x64 images, this run 10 and 32x32"),
+    ("corrupt", "cannot load its deployed model"),
+])
+def test_kd_refuses_a_bad_teacher_run_with_one_line(tmp_path, capsys, case, message):
+    teacher = tmp_path / "teacher"
+    if case in ("other classes", "other size", "corrupt"):
+        fake_finished_run(teacher, num_classes=100 if case == "other classes" else 10,
+                          image_size=64 if case == "other size" else 32)
+    if case == "unfinished":
+        teacher.mkdir()
+        (teacher / "config.json").write_text("{}")               # started, no summary.json yet
+    if case == "corrupt":
+        (teacher / "deployable.pt").write_bytes(b"not a state dict")
+    flags = [] if case == "no flag" else ["--teacher-run", str(teacher)]
+    assert train.main(args_for(tmp_path / "kd", "--method", "kd", *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert case == "no flag" or f"--teacher-run {teacher}:" in err
+    assert not (tmp_path / "kd").exists()                         # refused before anything was written
