@@ -310,8 +310,8 @@ def layout(args):
 
 
 NOTES = {
-    "table3": "Table 3's rows: Baseline (= PCL), +L_dk (= PCL+L_dk), +L_dk+L_de (= DKEL), +L_de (94.35 / "
-              "74.64: PCL's teacher with the decaying ensemble, not trained here; not reproduced).",
+    "table3": "Table 3's +L_de row (PCL's teacher with the decaying ensemble, not trained here): "
+              "94.35 (CIFAR-10) / 74.64 (CIFAR-100), not reproduced; the other rows are PCL, dk, dkel.",
     "fig6": "Fig. 6 prints no numbers; the bracketed ones are quoted in its text (ResNet-32).",
     "fig7": "Fig. 7 prints no numbers: exp is best at almost every epoch, cos worst (late overfitting).",
 }
@@ -369,10 +369,10 @@ def bar_chart(args, results: dict, path: str) -> None:
     """One panel per data set. Tables 1-3: the methods' bars grouped by network; Table 4 and Fig. 6:
     the networks' bars grouped by setting (Fig. 6's wheat and salmon). Black marks: the paper."""
     if args.figure == "bars":
-        groups, series = args.archs, [(m, METHODS[m].label) for m in args.methods]
+        groups, series = [(a, a) for a in args.archs], [(m, METHODS[m].label) for m in args.methods]
         colours, key = [f"C{k}" for k in range(10)], lambda d, g, s: (d, g, s, "")
     else:
-        groups = [tag for tag, _, _ in args.settings]
+        groups = [(tag, label) for tag, label, _ in args.settings]
         series = [((a, m), a + (f" {METHODS[m].label}" if len(args.methods) > 1 else ""))
                   for a, m in itertools.product(args.archs, args.methods)]
         colours, key = ["wheat", "salmon"] + [f"C{k}" for k in range(10)], lambda d, g, s: (d, *s, g)
@@ -381,17 +381,17 @@ def bar_chart(args, results: dict, path: str) -> None:
         for ax, dataset in zip(axes, args.dataset):
             for k, (s, label) in enumerate(series):
                 xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
-                runs = [results.get(key(dataset, g, s), {"final": []})["final"] for g in groups]
+                runs = [results.get(key(dataset, g, s), {"final": []})["final"] for g, _ in groups]
                 stats = [mean_std(finals) if finals else (math.nan, None) for finals in runs]
-                ax.bar(xs, [m for m, _ in stats], width, yerr=[sd or 0.0 for _, sd in stats], capsize=2,
+                ax.bar(xs, [m for m, _ in stats], width, yerr=[sd or math.nan for _, sd in stats], capsize=2,
                        label=label, color=colours[k % len(colours)], edgecolor="grey")
-                ax.plot(xs, [PAPER.get(key(dataset, g, s), (math.nan,))[0] for g in groups], "k_",
+                ax.plot(xs, [PAPER.get(key(dataset, g, s), (math.nan,))[0] for g, _ in groups], "k_",
                         markersize=10, markeredgewidth=2)
-            finals = [v for g, (s, _) in itertools.product(groups, series)
+            finals = [v for (g, _), (s, _) in itertools.product(groups, series)
                       for v in results.get(key(dataset, g, s), {"final": []})["final"]]
             if finals:  # the bars' tops, not their feet: accuracies differ by tenths of a point
                 ax.set_ylim(max(0.0, min(finals) - 5.0), min(100.0, max(finals) + 3.0))
-            ax.set_xticks(range(len(groups)), groups)
+            ax.set_xticks(range(len(groups)), [label for _, label in groups])
             ax.set_title(dataset, fontsize=10)
         axes[0].plot([], [], "k_", markersize=10, markeredgewidth=2, label="paper")
         axes[0].set_ylabel(f"deployed model's final top-1 %\n(mean ± std over seeds {args.seeds})")
@@ -411,12 +411,12 @@ def curve_chart(args, runs: list[Run], path: str) -> None:
     panel_keys = list(itertools.product(args.dataset, args.archs, args.methods))
     with panels(path, len(panel_keys), 5.0) as axes:
         for ax, panel in zip(axes, panel_keys):
-            for tag, label, _ in args.settings:
+            for i, (tag, label, _) in enumerate(args.settings):
                 curves = [deployed_curve(run_dir(args, r)) for r in runs
                           if r.key() == (*panel, tag) and finished(args, r)]
                 epochs = sorted(set().union(*curves))
                 means = [statistics.fmean(c[e] for c in curves if e in c) for e in epochs]
-                ax.plot(epochs, means, label=label)
+                ax.plot(epochs, means, ("-", "--", ":")[i % 3], marker="o", label=label)  # overlaps show
             ax.set(title=" ".join(panel), xlabel="epoch")
             ax.legend(fontsize=8)
         axes[0].set_ylabel(f"test top-1 % of the deployed model\n(mean over seeds {args.seeds})")

@@ -93,8 +93,8 @@ READ_BACK = {
                "| setting | vgg16 cifar10 | vgg16 cifar100 | densenet40_12 cifar10 | densenet40_12 "
                "cifar100 |",
                "| β = 0.2 | — | — | — | 61.50 (n=1) |",
-               "| β = 0.5 | — (94.89±0.10) | — (77.20±0.12) | — (94.23±0.08) "
-               "| — (72.78±0.18) |", 19),
+               "| β = 0.5 | — (94.89±0.10) | — (77.20±0.12) | — (94.23±0.08) | "
+               "— (72.78±0.18) |", 19),
     "fig6": ("cifar10_densenet40_12_dkel_k20_seed0",
              "| setting | resnet32 cifar10 | resnet32 cifar100 | densenet40_12 cifar10 | densenet40_12 "
              "cifar100 |",
