@@ -2,11 +2,9 @@
 of runs (data sets x networks x methods x settings x seeds), each in its own directory
 <runs-dir>/<dataset>_<arch>_<method>[_<setting>]_seed<seed>. compare.py trains the unfinished ones
 in turn (or, with `--gpus`, one per GPU at a time), then writes <runs-dir>/<experiment>_<datasets>.md
--- the deployed model's final accuracy, mean +- std over seeds (SPEC.md Sec. 4, 6), the paper's
-number (SPEC.md Sec. 9) in brackets where it gives one, the paper's best-epoch convention, every
-missing or failed run by name -- and a PNG of it. `--read-only` trains nothing, `--list` prints the
-grid, `--cell I` trains its I-th run alone (a SLURM array task).
-"""
+-- each run's honest figure (rundir.headline), mean +- std over seeds, the paper's number in
+brackets, the paper's best-epoch convention, every missing or failed run -- and a PNG. `--read-only`
+trains nothing, `--list` prints the grid, `--cell I` trains its I-th run (a SLURM array task)."""
 import argparse
 import contextlib
 import csv
@@ -117,7 +115,9 @@ EXPERIMENTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="The paper's tables and figures (Sec. 4.3) from train.py runs; "
-                                            "arguments after -- are passed to every train.py run.")
+                                            "arguments after -- are passed to every train.py run.",
+                                epilog="small scale on a CPU, with an EMA decay fit for 78 steps: compare.py "
+                                       "--dataset synthetic --archs resnet8 --epochs 2 -- --ema-decay 0.7")
     a = p.add_argument
     a("--experiment", default="table1", choices=list(EXPERIMENTS),
       help="table1: Table 1 (C10/100, five networks, every online method); table2: TinyImageNet with KD; "
@@ -248,8 +248,7 @@ def train_parallel(argvs: list[list[str]], gpus: list[str]) -> list[int]:
 
 
 def train_missing(args, runs: list[Run]) -> dict[Run, str]:
-    """Train (or resume) every unfinished run, in this process or with --gpus in parallel; the kd
-    runs go last, since each needs its teacher's finished run. Returns the failed runs' status."""
+    """Train (or resume) every unfinished run (--gpus: in parallel), kd runs last; the failures."""
     failed = {}
     for wave in ([r for r in runs if r.teacher is None], [r for r in runs if r.teacher is not None]):
         todo = [run for run in wave if not finished(args, run)]

@@ -117,8 +117,22 @@ def hold_run_dir(out_dir: str, resume: bool):
     relaunches, an array task started twice) never train into one directory at once; the second
     gets one line and exit code 2. The lock is `fcntl.flock` on `out_dir/.lock`, which the operating
     system releases when its process ends, however it ends: the file left by a killed run blocks
-    nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all."""
+    nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all; a new
+    directory that a refusal (exit 2) leaves holding nothing but its lock is removed again."""
+    created = not os.path.isdir(out_dir)
     prepare(out_dir, resume)
+    try:
+        with _locked(out_dir, resume):
+            yield
+    except RunStopped as stop:
+        if created and stop.exit_code == EXIT_BAD_INPUT and os.listdir(out_dir) == [".lock"]:
+            os.remove(os.path.join(out_dir, ".lock"))
+            os.rmdir(out_dir)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(out_dir: str, resume: bool):
     with open(os.path.join(out_dir, ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

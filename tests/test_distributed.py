@@ -14,7 +14,8 @@ import data as datasets
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json", ".lock"}
+RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json", "curves.png",
+             ".lock"}
 FLAGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batch-size", "32",
          "--device", "cpu"]
 
