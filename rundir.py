@@ -90,13 +90,9 @@ class StopRequests:
 
 
 def prepare(out_dir: str, resume: bool) -> None:
-    """Refuse (exit 2) a run directory that already holds a run (without --resume), one without a
-    checkpoint (with --resume), or one that cannot be created or written."""
-    has_checkpoint = os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
-    if has_checkpoint and not resume:
-        raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, or choose another "
-                         f"--out-dir", EXIT_BAD_INPUT)
-    if resume and not has_checkpoint:
+    """Refuse (exit 2) a run directory without a checkpoint (with --resume) or one that cannot be
+    created or written; one that already holds a run is refused under the lock (`_locked`)."""
+    if resume and not os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
         raise RunStopped(f"--resume: no checkpoint in {out_dir}; run without --resume to start it",
                          EXIT_BAD_INPUT)
     try:
