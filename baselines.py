@@ -13,17 +13,17 @@ their objectives, and how a training step and an evaluation use them.
   the deployed model of a finished run.
 
 They reuse the paper's building blocks (models.MultiPeerNet, the KD loss of Eq. (1) and its
-leave-one-out forms from losses.py) and none of its EMA teachers. Each method object answers what
-train.py asks of every method: which views a step needs (`num_views`), a step's loss and its
-named parts (`loss`), what follows an optimizer step (`after_step`, nothing here), the
-initialisation before training (`initialise`, nothing here), the test logits of every output
-(`eval_logits`, SPEC.md Sec. 4) and the deployed model (`deployed_keys`, `deployable`).
+leave-one-out forms from losses.py) and none of its EMA teachers. Each is a methods.Method, the one
+interface the training loop calls: no initialisation and nothing after a step; `num_views` = M
+for KDCL alone, which gives every network its own augmented view.
 
 Logits (M, B, C): the M networks or branches; labels (B,). Every distillation target is detached
 except OKDDip's attention target t_a, through which alone W_Q and W_K learn (SPEC.md). Every
 distillation term is scaled by lambda * r(ep) (PCL's weight and ramp-up, SPEC.md Sec. 6), except
 DML's, which has no ramp-up.
 """
+import json
+import os
 from typing import NamedTuple
 
 import torch
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from losses import (cross_entropy_per_peer, kd_loss, leave_one_out_kd, peer_ensemble_kd,
                     teacher_ensemble_without_self)
-from models import ARCHS, MultiPeerNet, global_pool
-from rundir import load_teacher
+from methods import Method, MethodError
+from models import ARCHS, MultiPeerNet, build_deployable, global_pool
 
 
 def _named(total: torch.Tensor, **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -216,33 +216,24 @@ class Outputs(NamedTuple):
     teacher: torch.Tensor | None = None     # (B, C): KD's frozen teacher
 
 
-class PeerMethod:
+class PeerMethod(Method):
     """What the compared methods share: one network (and a piece), no teacher; the deployed model
     is the network or branch `deployed_peer`. A subclass gives `outputs(images)` and
     `objective(outputs, labels, weights)`, `weights` holding the epoch's r(ep) as "rampup"."""
-    num_views = 1             # the same augmented batch for every network or branch
     deployed_peer = 0
-    min_peers = 2             # --num-peers it needs
-    schedules = ("rampup",)   # the epoch weights the objective uses (the epoch line prints them)
 
     def __init__(self, net: MultiPeerNet, device: torch.device, compile: bool, **pieces: nn.Module):
         self.net, self.pieces = net, pieces
-        for module in self.modules().values():  # NHWC, as the paper's networks in train.py
+        for module in self.modules().values():  # NHWC, as the paper's networks (methods.py)
             module.to(device, memory_format=torch.channels_last)
-        self.train_outputs = torch.compile(self.outputs) if compile else self.outputs
+        super().__init__(torch.compile(self.outputs) if compile else self.outputs)
 
     def loss(self, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]):
-        out = self.train_outputs(views if self.num_views > 1 else views[0])
+        out = self.training_forward(views if self.num_views > 1 else views[0])
         loss, parts = self.objective(out, labels, weights)
         parts["correct"] = (out.logits.argmax(-1) == labels).float().mean()  # over networks and images
         parts["logit_norm"] = out.logits[self.deployed_peer].float().norm(dim=-1).mean()  # collapse watch
         return loss, parts
-
-    def after_step(self, step: int) -> None:
-        """No teacher to update."""
-
-    def initialise(self, batches) -> None:
-        """No teacher to initialise."""
 
     def output_names(self) -> list[str]:
         return [f"student_peer{i}" for i in range(self.net.num_peers)]
@@ -263,13 +254,6 @@ class PeerMethod:
 
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.net, **self.pieces}
-
-    def set_mode(self, train: bool) -> None:
-        for module in self.modules().values():
-            module.train(train)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for module in self.modules().values() for p in module.parameters()]
 
 
 class Baseline(PeerMethod):
@@ -399,16 +383,15 @@ class OKDDip(SharedTrunkMethod):
 
 
 class KD(PeerMethod):
-    """Offline KD: one plain network learns from a frozen teacher, the deployed model of the
-    finished run `teacher_run` (any architecture; classes and image size must match). The teacher
+    """Offline KD: one plain network learns from a frozen teacher, the deployed model of a
+    finished run (`load_teacher`: any architecture; classes and image size must match). The teacher
     is not one of `modules()`: it is neither trained nor checkpointed (a resumed run reloads it
     from `teacher_run`), and it stays in eval mode throughout."""
     label = "KD"
     min_peers = 1             # one network whatever --num-peers says
 
-    def __init__(self, arch: str, num_classes: int, image_size: int, device: torch.device, *,
-                 teacher_run: str | None, temperature: float, kd_weight: float, compile: bool = False):
-        teacher = load_teacher(teacher_run, num_classes, image_size)  # refused before anything is built
+    def __init__(self, arch: str, num_classes: int, teacher: nn.Module, device: torch.device, *,
+                 temperature: float, kd_weight: float, compile: bool = False):
         super().__init__(MultiPeerNet(arch, num_classes, 1, ensemble_head=False), device, compile)
         self.teacher = teacher.to(device, memory_format=torch.channels_last)
         self.temperature, self.kd_weight = temperature, kd_weight
@@ -429,3 +412,32 @@ class KD(PeerMethod):
     def set_mode(self, train: bool) -> None:
         super().set_mode(train)
         self.teacher.eval()   # frozen: eval-mode BatchNorm, its running statistics never move
+
+
+def load_teacher(teacher_run: str | None, num_classes: int, image_size: int) -> torch.nn.Module:
+    """Offline KD's teacher (Table 2): the deployed model of the finished train.py run
+    `teacher_run`, its architecture, classes and image size read from that run's summary.json,
+    frozen (no parameter requires a gradient) and in eval mode. Refused with one line (MethodError;
+    train.py exits with code 2) when missing, unfinished, unreadable, or made for other classes or
+    another image size."""
+    def refuse(why: str) -> MethodError:
+        return MethodError(f"--teacher-run {teacher_run}: {why} (offline KD, Table 2)")
+
+    if teacher_run is None:
+        raise MethodError("--method kd needs --teacher-run DIR, a finished train.py run (Table 2)")
+    if not os.path.exists(os.path.join(teacher_run, "summary.json")):
+        raise refuse("not a finished run (no summary.json); finish it first")
+    try:
+        with open(os.path.join(teacher_run, "summary.json")) as f:
+            deployed = json.load(f)["deployable"]
+        # Runs written before summary.json recorded the image size: the size the arch was made for.
+        size = deployed.get("image_size", ARCHS[deployed["arch"]]().input_size)
+        teacher = build_deployable(deployed["arch"], deployed["num_classes"])
+        state = torch.load(os.path.join(teacher_run, deployed["file"]), map_location="cpu", weights_only=True)
+        teacher.load_state_dict(state)
+    except Exception as error:  # any unreadable file or mismatched state dict is a broken run to the user
+        raise refuse(f"cannot load its deployed model ({type(error).__name__})") from None
+    if (deployed["num_classes"], size) != (num_classes, image_size):
+        raise refuse(f"its model has {deployed['num_classes']} classes and {size}x{size} images, "
+                     f"this run {num_classes} and {image_size}x{image_size}")
+    return teacher.requires_grad_(False).eval()

@@ -23,11 +23,13 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
+import cli
 import data
 import train
 from bench_data import ReferenceViews, now
 from losses import distillation_objective
-from models import MultiPeerNet, ViewBatchNorm2d
+from methods import DKEL
+from models import ViewBatchNorm2d, multi_peer_net
 
 WEIGHTS = {"rampup": 0.5, "w": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
 
@@ -35,9 +37,9 @@ WEIGHTS = {"rampup": 0.5, "w": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-
 def time_ours(args, dataset, device, precision: str, per_view_bn: bool = True) -> float:
     """Seconds per step of train.py's step in `precision` (after the warm-up steps); with
     `per_view_bn` False the trunks' BatchNorm normalises all M*B stacked images together."""
-    method = train.DKEL(args.arch, dataset.num_classes, 3, device, temperature=3.0, kd_weight=1.0,
-                        ema_decay=0.999, init_iters=1, init_lr=0.01, compile=args.compile)
-    for module in [*method.student.modules(), *method.teacher.teacher.modules()]:
+    method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device, temperature=3.0,
+                  kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01, compile=args.compile)
+    for module in [*method.student.modules(), *method.teacher.network.modules()]:
         if isinstance(module, ViewBatchNorm2d) and not per_view_bn:
             module.__class__ = torch.nn.BatchNorm2d  # the same parameters and buffers, one statistic
     optimizer = train.sgd(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -49,13 +51,14 @@ def time_ours(args, dataset, device, precision: str, per_view_bn: bool = True) -
         if step == warmup:
             start = now(device)
         views, labels = next(batches)
-        train.train_step(method, optimizer, views, labels, WEIGHTS, step, precision)
+        train.student_step(method, optimizer, views, labels, WEIGHTS, precision)
+        method.after_step(step)
     return (now(device) - start) / args.steps
 
 
 def time_reference(args, dataset, loader, device) -> float:
     """Seconds per step of the straightforward fp32 loop (after 2 warm-up steps)."""
-    student = MultiPeerNet(args.arch, dataset.num_classes, 3).to(device)
+    student = multi_peer_net(args.arch, dataset.num_classes, 3).to(device)
     teacher = copy.deepcopy(student)
     teacher.ensemble_head = None
     teacher.requires_grad_(False)
@@ -114,7 +117,7 @@ def main() -> None:
         times["ours bf16"].append(time_ours(args, dataset, device, "bf16"))
         times["bf16, stacked BN"].append(time_ours(args, dataset, device, "bf16", per_view_bn=False))
     best = {name: min(seconds) for name, seconds in times.items()}
-    threads = f"cpu, {torch.get_num_threads()} threads, native bf16: {train.native_bf16(device)}"
+    threads = f"cpu, {torch.get_num_threads()} threads, native bf16: {cli.native_bf16(device)}"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     print(f"dkel step, {args.arch}, batch {args.batch_size}, 3 peers, {name}")
     for label, seconds in best.items():

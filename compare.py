@@ -2,7 +2,7 @@
 of runs (data sets x networks x methods x settings x seeds), each in its own directory
 <runs-dir>/<dataset>_<arch>_<method>[_<setting>]_seed<seed>. compare.py trains the unfinished ones
 in turn (or, with `--gpus`, one per GPU at a time), then writes <runs-dir>/<experiment>_<datasets>.md
--- each run's honest figure (rundir.headline), mean +- std over seeds, the paper's number in
+-- each run's honest figure (report.headline), mean +- std over seeds, the paper's number in
 brackets, the paper's best-epoch convention, every missing or failed run -- and a PNG. `--read-only`
 trains nothing, `--list` prints the grid, `--cell I` trains its I-th run (a SLURM array task)."""
 import argparse
@@ -20,13 +20,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-import rundir
+import report
 import train
+from cli import METHODS
 from data import DATASETS
 from losses import DECAYS
 from models import ARCHS
-from rundir import pyplot
-from train import METHODS
+from report import pyplot
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 CIFAR = ("cifar10", "cifar100")
@@ -282,7 +282,7 @@ def collect(args, runs: list[Run], failed: dict[Run, str]) -> tuple[dict, list[s
         with open(path) as f:
             summary = json.load(f)
         entry = results.setdefault(run.key(), {"final": [], "best": []})
-        entry["final"].append(rundir.headline(summary))
+        entry["final"].append(report.headline(summary))
         entry["best"].append(summary["paper_convention_best_peer_best_epoch"]["acc"])
     return results, problems
 

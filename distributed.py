@@ -45,10 +45,6 @@ from torch.nn.parallel import DistributedDataParallel
 import data as datasets
 from rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 
-# Where a method keeps its training forward: train.OnlineDistillation (PCL, DK, DKEL) and
-# baselines.PeerMethod (the methods of Table 1).
-FORWARDS = ("student_forward", "train_outputs")
-
 
 def part() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside torchrun."""
@@ -163,12 +159,14 @@ def prepare(method, args) -> None:
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     broadcast(t for module in modules.values() for t in (*module.parameters(), *module.buffers()))
     trained = {name: m for name, m in modules.items() if any(p.requires_grad for p in m.parameters())}
-    name = next(name for name in FORWARDS if hasattr(method, name))
     device = torch.device(args.device)
-    # Buffers are not broadcast at every step: training reads no running statistic (end_of_epoch).
-    setattr(method, name, DistributedDataParallel(TrainingForward(trained, getattr(method, name)),
-                                                  device_ids=[device] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False))
+
+    def under_ddp(forward):
+        # Buffers are not broadcast at every step: training reads no running statistic (end_of_epoch).
+        return DistributedDataParallel(TrainingForward(trained, forward), broadcast_buffers=False,
+                                       device_ids=[device] if device.type == "cuda" else None)
+
+    method.wrap_training_forward(under_ddp)
 
 
 @torch.no_grad()

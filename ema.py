@@ -18,8 +18,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from losses import cross_entropy_per_peer
 from models import DeployableNet, MultiPeerNet, PeerOutputs
 
 
@@ -37,7 +37,7 @@ class EMATeacher:
         missing = [name for name in names if name not in student_params]
         if missing:
             raise ValueError(f"teacher parameters without a student counterpart: {missing[:3]}")
-        self.teacher = teacher.requires_grad_(False)
+        self.network = teacher.requires_grad_(False)  # the EMA copy: a whole network or the peer branches
         self.teacher_params = [p for _, p in teacher.named_parameters()]
         self.student_params = [student_params[name] for name in names]
         self.ema_decay = ema_decay
@@ -60,7 +60,6 @@ class EMATeacher:
         torch._foreach_lerp_(self.teacher_params, self.student_params, 1.0 - ema_decay)
 
 
-
 class PeerMeanTeacher(EMATeacher):
     """PCL's peer mean teacher t~ (Eq. (4)): the EMA of the student's peer branches, run on the
     student's own trunk features. Its distillation term is L_pm."""
@@ -72,12 +71,12 @@ class PeerMeanTeacher(EMATeacher):
 
     def logits(self, views: torch.Tensor, student_out: PeerOutputs) -> torch.Tensor:
         """t~_j: the EMA branch j on the student's trunk features of view j, (M, B, C)."""
-        return self.student.run_peers(student_out.trunk, peers=self.teacher)[0]
+        return self.student.run_peers(student_out.trunk, peers=self.network)[0]
 
     def deployable(self, peer: int) -> DeployableNet:
         """The student's trunk (which the peer mean teacher runs on) + EMA branch `peer`."""
         deployed = self.student.deployable(peer)
-        deployed.peer.load_state_dict(self.teacher[peer].state_dict())
+        deployed.peer.load_state_dict(self.network[peer].state_dict())
         return deployed
 
 
@@ -104,7 +103,7 @@ class IndependentTeacher(EMATeacher):
 
     def deployable(self, peer: int) -> DeployableNet:
         """The teacher's trunk + its branch `peer` (SPEC.md Sec. 4)."""
-        return self.teacher.deployable(peer)
+        return self.network.deployable(peer)
 
 
 def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float,
@@ -125,9 +124,7 @@ def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float,
     for _ in range(iters):
         views, labels = next(batch_iter)
         logits = teacher(views).logits                                      # (M, B, C)
-        per_sample = F.cross_entropy(logits.float().flatten(0, 1), labels.repeat(len(logits)),
-                                     reduction="none")                      # (M*B,)
-        loss = per_sample.view(len(logits), -1).mean(1).mean()             # mean over peers of L_ce
+        loss = cross_entropy_per_peer(logits, labels).mean()               # mean over peers of L_ce
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -415,3 +415,7 @@ def build_deployable(arch: str, num_classes: int, shared_trunk: bool = True) -> 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def multi_peer_net(arch: str, num_classes: int, num_peers: int = 3, **options) -> MultiPeerNet:
+    return MultiPeerNet(arch, num_classes, num_peers, **options)

@@ -1,6 +1,6 @@
-"""The run directory of train.py: config.json, metrics.csv, curves.png, checkpoint.pt,
-deployable.pt and summary.json (SPEC.md Sec. 4 for what the summary reports), and the deployed
-model of a finished run read back as offline KD's frozen teacher (Table 2).
+"""The run directory of train.py and how it is kept: config.json, metrics.csv, checkpoint.pt
+(and, written through here by report.py, curves.png, deployable.pt and summary.json); the lock,
+the stop signals and the process exit codes.
 
 Every file is written to a temporary name beside its final one and renamed, so a run killed at
 any moment leaves the previous version whole. The checkpoint holds every module, the
@@ -17,12 +17,9 @@ import math
 import os
 import signal
 import threading
-import sys
 
 import torch
 import torch.distributed as dist
-
-from models import ARCHS, build_deployable
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 EXIT_BAD_INPUT = 2       # a bad flag, size, path, data set or run directory: nothing was trained
@@ -243,178 +240,3 @@ def save_checkpoint(out_dir: str, modules: dict, optimizer, scheduler, state: di
                       rng_cpu=torch.get_rng_state(),
                       rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     atomic_save(checkpoint, os.path.join(out_dir, "checkpoint.pt"))
-
-
-def validation_choice(history: list[dict], keys: list[str]) -> tuple[float, int, str]:
-    """(validation accuracy, epoch, output): the deployed output and epoch with the best validation
-    accuracy, the earliest epoch among equals (--val-size)."""
-    rows = [row for row in history if "val_acc_deployed_mean" in row]
-    value, negative_epoch, key = max((row[f"val_acc_{k}"], -row["epoch"], k) for row in rows for k in keys)
-    return value, -negative_epoch, key
-
-
-def keep_if_best(out_dir: str, method, row: dict, history: list[dict]) -> None:
-    """With a validation split, deployable.pt follows the validation choice during training: the
-    weights of the chosen epoch exist only at that epoch."""
-    _, epoch, key = validation_choice(history + [row], method.deployed_keys())
-    if epoch == row["epoch"]:
-        atomic_save(method.deployable(key).state_dict(), os.path.join(out_dir, "deployable.pt"))
-
-
-def write_summary(args: argparse.Namespace, method, num_classes: int, history: list[dict],
-                  image_size: int) -> dict:
-    """summary.json (and, without a validation split, deployable.pt); the image size is recorded
-    for offline KD, which refuses a teacher made for another size.
-
-    The deployed model is chosen without looking at the test split: with --val-size, the output
-    and epoch of the best validation accuracy, reported with its test accuracy; without, no
-    selection at all: peer 0 at the final epoch. Beside it: the final-epoch mean over the deployed
-    outputs (SPEC.md Sec. 4) and the paper's convention, the best deployed output at its best
-    epoch, which is selected on the test split and labelled so."""
-    final, keys = history[-1], method.deployed_keys()
-    evaluated = [row for row in history if "acc_deployed_mean" in row]
-    best_value, best_epoch, best_key = max((row[f"acc_{k}"], row["epoch"], k)
-                                           for row in evaluated for k in keys)
-    if "val_acc_deployed_mean" in final:
-        val_value, epoch, key = validation_choice(history, keys)
-        test_value = next(row for row in history if row["epoch"] == epoch)[f"acc_{key}"]
-        selection = {"on": "validation split", "output": key, "epoch": epoch, "val_acc": val_value,
-                     "test_acc": test_value}
-    else:
-        key = keys[0]
-        atomic_save(method.deployable(key).state_dict(), os.path.join(args.out_dir, "deployable.pt"))
-        selection = {"on": "none: no selection was made (--val-size 0), the deployed model is the first "
-                           "deployed output at the final epoch", "output": key, "epoch": final["epoch"],
-                     "test_acc": final[f"acc_{key}"]}
-    summary = {
-        "method": args.method, "dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
-        "final": {k: v for k, v in final.items() if k.startswith("acc_")},
-        "best": {k[4:]: max(row[k] for row in evaluated) for k in final if k.startswith("acc_")},
-        "headline_final_deployed_mean": final["acc_deployed_mean"],
-        "selection": selection,
-        "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch, "output": best_key,
-                                                  "selected_on": "test split"},
-        "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"], "arch": args.arch,
-                       "num_classes": num_classes, "image_size": image_size,
-                       "load": "models.build_deployable(arch, num_classes)"},
-        "train_seconds": sum(row["epoch_seconds"] for row in history),
-    }
-    write_json(summary, os.path.join(args.out_dir, "summary.json"))
-    return summary
-
-
-def headline(summary: dict) -> float:
-    """A run's honest figure: the test accuracy of the model chosen on the validation split
-    (train.py --val-size), else the final-epoch mean over the deployed outputs (no selection)."""
-    selection = summary.get("selection", {})
-    if selection.get("on") == "validation split":
-        return selection["test_acc"]
-    return summary["headline_final_deployed_mean"]
-
-
-def summary_table(summary: dict) -> str:
-    """The summary as a small table for the terminal."""
-    lines = [f"{'output':<22} {'final':>7} {'best':>7}"]
-    lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}" for k, v in summary["final"].items()]
-    best, chosen = summary["paper_convention_best_peer_best_epoch"], summary["selection"]
-    lines.append(f"deployed model ({chosen['output']}, epoch {chosen['epoch']}; selected on: "
-                 f"{chosen['on']}): test {chosen['test_acc']:.2f}%")
-    lines.append(f"headline (deployed model, final epoch; pcl/dk/dkel: mean over teacher peers): "
-                 f"{summary['headline_final_deployed_mean']:.2f}%")
-    lines.append(f"paper's convention (best deployed output at its best epoch, selected on the test split): "
-                 f"{best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
-    return "\n".join(lines)
-
-
-def epoch_line(row: dict, epochs: int, history: list[dict], schedules: tuple[str, ...]) -> str:
-    """One finished epoch for the terminal: lr, the epoch weights the method uses, the loss parts,
-    train and test accuracy, speed and the time left."""
-    seconds = sum(r["epoch_seconds"] for r in history) / len(history)
-    weights = "".join(f" {'r' if name == 'rampup' else name}={row[name]:.3f}" for name in schedules)
-    names = ("loss", "ce", "ce_ensemble", "ce_leader", "pe", "pm", "dk", "de", "kd", "kd_leader")
-    losses = " ".join(f"{k}={row[k]:.3f}" for k in names if k in row)
-    test = f" | test deployed {row['acc_deployed_mean']:.2f}%" if "acc_deployed_mean" in row else ""
-    return (f"epoch {row['epoch']}/{epochs} lr={row['lr']:.4g}{weights} {losses} "
-            f"train {row['train_acc']:.2f}%{test} | {row['images_per_s']:.0f} img/s, "
-            f"ETA {(epochs - row['epoch']) * seconds / 60:.1f} min")
-
-
-def load_teacher(teacher_run: str | None, num_classes: int, image_size: int) -> torch.nn.Module:
-    """Offline KD's teacher (Table 2): the deployed model of the finished train.py run
-    `teacher_run`, its architecture, classes and image size read from that run's summary.json,
-    frozen (no parameter requires a gradient) and in eval mode. Refused with one line and exit
-    code 2 when missing, unfinished, unreadable, or made for other classes or another image size."""
-    def refuse(why: str) -> RunStopped:
-        return RunStopped(f"--teacher-run {teacher_run}: {why} (offline KD, Table 2)", EXIT_BAD_INPUT)
-
-    if teacher_run is None:
-        raise RunStopped("--method kd needs --teacher-run DIR, a finished train.py run (Table 2)",
-                         EXIT_BAD_INPUT)
-    if not os.path.exists(os.path.join(teacher_run, "summary.json")):
-        raise refuse("not a finished run (no summary.json); finish it first")
-    try:
-        with open(os.path.join(teacher_run, "summary.json")) as f:
-            deployed = json.load(f)["deployable"]
-        # Runs written before summary.json recorded the image size: the size the arch was made for.
-        size = deployed.get("image_size", ARCHS[deployed["arch"]]().input_size)
-        teacher = build_deployable(deployed["arch"], deployed["num_classes"])
-        state = torch.load(os.path.join(teacher_run, deployed["file"]), map_location="cpu", weights_only=True)
-        teacher.load_state_dict(state)
-    except Exception as error:  # any unreadable file or mismatched state dict is a broken run to the user
-        raise refuse(f"cannot load its deployed model ({type(error).__name__})") from None
-    if (deployed["num_classes"], size) != (num_classes, image_size):
-        raise refuse(f"its model has {deployed['num_classes']} classes and {size}x{size} images, "
-                     f"this run {num_classes} and {image_size}x{image_size}")
-    return teacher.requires_grad_(False).eval()
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend: figures go to files, no display is needed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-# metrics.csv columns that are not loss parts (everything else in a row is one).
-NOT_LOSSES = {"epoch", "lr", "w", "rampup", "logit_norm", "train_acc", "epoch_seconds", "images_per_s"}
-
-
-def draw_curves(path: str, history: list[dict]) -> None:
-    """Four panels against the epoch: accuracies, loss parts, w(ep) and r(ep), learning rate."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    epochs = [row["epoch"] for row in history]
-    evaluated = [row for row in history if "acc_deployed_mean" in row]
-    tested = [k for k in history[-1] if k == "acc_deployed_mean" or k.startswith("acc_student_peer")]
-    for key in tested:  # test accuracy: the deployed model bold black, the student peers thin
-        style = {"color": "black", "linewidth": 2.5} if key == "acc_deployed_mean" else {"linewidth": 1.0}
-        axes[0, 0].plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated], label=f"test {key[4:]}",
-                        **style)
-    axes[0, 0].plot(epochs, [r["train_acc"] for r in history], "--", color="grey", label="train (student)")
-    losses = [k for k in history[-1] if k not in NOT_LOSSES and not k.startswith("acc_")]
-    for key in losses:
-        axes[0, 1].plot(epochs, [r[key] for r in history], label=key)
-    for key, label in (("w", "w(ep), Eq. (11)/(13)/(14)"), ("rampup", "r(ep), ramp-up")):
-        if key in history[-1]:
-            axes[1, 0].plot(epochs, [r[key] for r in history], label=label)
-    axes[1, 1].plot(epochs, [r["lr"] for r in history], drawstyle="steps-post", label="learning rate")
-    axes[1, 1].set_yscale("log")
-    for ax, title in zip(axes.flat, ("accuracy (%)", "loss parts (epoch means)", "epoch weights", "lr")):
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
-    for ax in axes[1]:
-        ax.set_xlabel("epoch")
-    fig.tight_layout()
-    with atomic_write(path, binary=True) as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
-
-
-def plot_curves(out_dir: str, history: list[dict]) -> None:
-    """Refresh curves.png in the run directory. A picture is a convenience: a failure to draw is
-    reported on one line and never stops the run."""
-    try:
-        draw_curves(os.path.join(out_dir, "curves.png"), history)
-    except Exception as error:  # matplotlib missing or broken, a full disk: the run goes on
-        print(f"warning: curves.png not drawn ({type(error).__name__}: {error})", file=sys.stderr)

@@ -12,6 +12,8 @@ import data as datasets
 import train
 from conftest import tiny_data
 from ema import ema_lag_warning
+from methods import DK
+from models import multi_peer_net
 
 AUTHORS_FLAGS = ("authors_rampup", "authors_ema_warmup", "authors_weight_cutoff", "authors_init")
 
@@ -54,10 +56,10 @@ def test_authors_code_switches_every_behaviour_on(tmp_path, small_data):
 @pytest.mark.parametrize("k", [0, 2])
 def test_authors_init_runs_k_plus_1_steps_with_weight_decay(k):
     torch.manual_seed(0)
-    method = train.DK("resnet8", 10, 3, torch.device("cpu"), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
-                      init_iters=k, init_lr=0.01, authors_init=True)
+    method = DK(multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
+                init_iters=k, init_lr=0.01, authors_init=True)
     views, labels = torch.randn(3, 4, 3, 32, 32), torch.randint(0, 10, (4,))
-    teacher = method.teacher.teacher
+    teacher = method.teacher.network
     # The first step by hand: theta' = theta - 0.001 (grad + 5e-4 theta), plain SGD.
     reference = copy.deepcopy(teacher).requires_grad_(True).train()
     loss = sum(F.cross_entropy(reference(views).logits[i], labels) for i in range(3)) / 3
@@ -80,8 +82,8 @@ def test_authors_init_runs_k_plus_1_steps_with_weight_decay(k):
 
 
 def test_paper_init_runs_k_steps():
-    method = train.DK("resnet8", 10, 3, torch.device("cpu"), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
-                      init_iters=2, init_lr=0.01)
+    method = DK(multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
+                init_iters=2, init_lr=0.01)
     drawn = []
     views, labels = torch.randn(3, 4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.initialise(drawn.append(1) or (views, labels) for _ in iter(int, 1))

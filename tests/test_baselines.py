@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import train
 from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss, kdcl_loss,
-                       min_logit_target, offline_kd_loss, okddip_loss, one_loss, scale_gradient)
+                       load_teacher, min_logit_target, offline_kd_loss, okddip_loss, one_loss,
+                       scale_gradient)
 from conftest import fake_finished_run
 from models import MultiPeerNet, build_deployable
 
@@ -239,7 +241,7 @@ EXPECTED = {  # method: (views, eval keys, deployed key)
 def test_methods_are_listed_once_in_the_papers_order():
     assert list(train.METHODS) == ["dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk", "dkel",
                                    "kd"]
-    assert train.build_parser().parse_args(["--method", "okddip"]).method == "okddip"
+    assert cli.build_parser().parse_args(["--method", "okddip"]).method == "okddip"
     assert [train.METHODS[m].label for m in ("dk", "dkel", "okddip")] == ["PCL+L_dk", "DKEL", "OKDDip"]
 
 
@@ -312,7 +314,7 @@ def test_offline_kd_loss_by_hand():
 
 def test_kd_teacher_is_loaded_frozen_and_never_checkpointed(tmp_path):
     teacher_net = fake_finished_run(tmp_path, arch="resnet20")   # another architecture than the student
-    method = build("kd", teacher_run=str(tmp_path), image_size=32)
+    method = build("kd", teacher=load_teacher(str(tmp_path), num_classes=10, image_size=32))
     assert method.num_views == 1 and method.deployed_keys() == ["student_peer0"]
     assert list(method.modules()) == ["student"]                 # reloaded from the teacher run on resume
     views, labels = torch.randn(1, 4, 3, 32, 32), torch.randint(0, 10, (4,))

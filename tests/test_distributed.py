@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.environ["PROJECT"])
 import train
 rank, die_at = int(os.environ["RANK"]), int(os.environ.get("DIE_AT_EPOCH", -1))
-real_save, real_epoch = train.save_checkpoint, train.train_epoch
+real_save, real_weights = train.rundir.save_checkpoint, train.epoch_weights
 
 def tiny(name, data_dir, device, seed=0):
     images, labels = train.datasets.make_synthetic(96, seed)
@@ -42,12 +42,12 @@ def save(out_dir, modules, optimizer, scheduler, state, config):
     torch.save(nets, f"{out_dir}.rank{rank}.epoch{state['epoch']}.pt")
     real_save(out_dir, modules, optimizer, scheduler, state, config)
 
-def epoch(args, method, optimizer, data, index, state):
+def weights(args, index):  # called at the start of every epoch
     if rank == 1 and index == die_at:
         os._exit(1)
-    return real_epoch(args, method, optimizer, data, index, state)
+    return real_weights(args, index)
 
-train.datasets.load_data, train.save_checkpoint, train.train_epoch = tiny, save, epoch
+train.datasets.load_data, train.rundir.save_checkpoint, train.epoch_weights = tiny, save, weights
 sys.exit(train.main())
 """
 

@@ -95,21 +95,22 @@ def test_cifar_data_dir_that_cannot_be_created_is_named(tmp_path, capsys, monkey
 def test_sigterm_stops_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train.main(args_for(straight)) == 0
-    real_step = train.train_step
+    real_step, steps = train.student_step, []
 
-    def terminated_in_second_epoch(method, optimizer, views, labels, weights, step, precision):
-        out = real_step(method, optimizer, views, labels, weights, step, precision)
-        if step == 10:  # 8 steps per epoch: the third step of epoch 2
+    def terminated_in_second_epoch(*step_args):
+        out = real_step(*step_args)
+        steps.append(len(steps))
+        if len(steps) == 11:  # 8 steps per epoch: the third step of epoch 2
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(train, "train_step", terminated_in_second_epoch)
+    monkeypatch.setattr(train, "student_step", terminated_in_second_epoch)
     assert train.main(args_for(stopped)) == rundir.EXIT_TERMINATED == 143
     err = capsys.readouterr().err
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert len(metrics(stopped)) == 1  # epoch 1 saved, the partial epoch 2 not
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(train, "student_step", real_step)
     assert train.main(args_for(stopped, "--resume")) == 0
     assert metrics(stopped) == metrics(straight)
 

@@ -7,9 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import data as datasets
 import train
 from conftest import tiny_data
+from methods import DKEL
+from models import multi_peer_net
 
 
 def dkel_step_grads(method, views, labels, precision):
@@ -24,8 +27,8 @@ def dkel_step_grads(method, views, labels, precision):
 
 def test_bf16_and_fp32_steps_agree_within_bf16_rounding():
     torch.manual_seed(0)
-    method = train.DKEL("resnet8", 10, 3, torch.device("cpu"), temperature=3.0, kd_weight=1.0,
-                        ema_decay=0.999, init_iters=1, init_lr=0.01)
+    method = DKEL(multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
+                  init_iters=1, init_lr=0.01)
     twin = copy.deepcopy(method)  # the same weights and BatchNorm buffers for the second precision
     data = tiny_data("synthetic", "", "cpu")
     views, labels = next(datasets.train_batches(data, 64, 3, torch.Generator().manual_seed(0)))
@@ -38,7 +41,7 @@ def test_bf16_and_fp32_steps_agree_within_bf16_rounding():
     assert grad16.norm().item() == pytest.approx(grad32.norm().item(), rel=2e-2)
     assert F.cosine_similarity(grad16, grad32, dim=0).item() > 0.99
     # Outside the autocast region everything is fp32: parameters, gradients, BatchNorm buffers.
-    for net in (twin.student, twin.teacher.teacher):
+    for net in (twin.student, twin.teacher.network):
         assert all(t.dtype == torch.float32 for t in net.state_dict().values() if t.is_floating_point())
     assert all(p.grad.dtype == torch.float32 for p in twin.student.parameters())
 
@@ -54,7 +57,7 @@ def test_a_bf16_step_runs_the_convolutions_in_bf16():
 
 def test_precision_resolves_and_is_recorded(tmp_path, small_data):
     auto = train.resolve_args(["--device", "cpu"]).precision
-    assert auto == ("bf16" if train.native_bf16(torch.device("cpu")) else "fp32")
+    assert auto == ("bf16" if cli.native_bf16(torch.device("cpu")) else "fp32")
     assert train.resolve_args(["--device", "cpu", "--precision", "fp32"]).precision == "fp32"
     assert train.main(["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1", "--batch-size", "64",
                        "--device", "cpu", "--precision", "bf16", "--out-dir", str(tmp_path)]) == 0

@@ -11,7 +11,8 @@ import data as datasets
 import rundir
 import train
 from conftest import fake_finished_run, tiny_data
-from models import build_deployable
+from methods import DKEL
+from models import build_deployable, multi_peer_net
 
 pytestmark = pytest.mark.usefixtures("small_data")
 RUN_FILES = {"config.json", "metrics.csv", "curves.png", "checkpoint.pt", "deployable.pt", "summary.json"}
@@ -77,17 +78,17 @@ def test_table1_method_one_epoch_run(tmp_path, method, deployed):
 def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch, precision):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main(args_for(straight, "--precision", precision)) == 0
-    real_epoch = train.train_epoch
+    real_weights = train.epoch_weights
 
-    def killed_in_second_epoch(args, method, optimizer, data, epoch, state):
+    def killed_in_second_epoch(args, epoch):  # called at the start of every epoch
         if epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(args, method, optimizer, data, epoch, state)
+        return real_weights(args, epoch)
 
-    monkeypatch.setattr(train, "train_epoch", killed_in_second_epoch)
+    monkeypatch.setattr(train, "epoch_weights", killed_in_second_epoch)
     assert train.main(args_for(resumed, "--precision", precision)) == 130
     assert len(read_metrics(resumed)) == 1
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    monkeypatch.setattr(train, "epoch_weights", real_weights)
     assert train.main(args_for(resumed, "--precision", precision, "--resume")) == 0
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(resumed / "checkpoint.pt", weights_only=False)
@@ -107,12 +108,12 @@ def test_collapse_stops_the_run(tmp_path, capsys):
 
 def test_teacher_changes_only_by_eq5_after_initialisation():
     data = tiny_data("synthetic", "", "cpu")
-    method = train.DKEL("resnet8", 10, 3, torch.device("cpu"), temperature=3.0, kd_weight=1.0,
-                        ema_decay=0.999, init_iters=1, init_lr=0.01)
+    method = DKEL(multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
+                  init_iters=1, init_lr=0.01)
     optimizer = torch.optim.SGD(method.student.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     views, labels = next(datasets.train_batches(data, 32, 3, torch.Generator().manual_seed(0)))
     method.set_mode(True)
-    teacher = method.teacher.teacher
+    teacher = method.teacher.network
     before = [p.clone() for p in teacher.parameters()]
     loss, _ = method.loss(views, labels, {"rampup": 1.0, "w": 0.5})
     loss.backward()

@@ -1,0 +1,195 @@
+"""The paper's three online-distillation methods, PCL, DK and DKEL (Sec. 3.2-3.4, Table 3), and
+`Method`, the one interface between a method and the training loop of train.py.
+
+All three train the same multi-peer student (models.py: a shared trunk, M peers each on its own
+augmented view, the Eq. (3) ensemble head) with one objective (losses.distillation_objective):
+- PCL, Eq. (2): the peers learn from the labels, from the ensemble e (L_pe) and from PCL's peer
+  mean teacher (L_pm), an EMA of the student's own branches (ema.PeerMeanTeacher).
+- DK, Eq. (2) with L_dk of Eq. (6) for L_pm: the teacher is an independent network
+  (ema.IndependentTeacher), copied from the student and trained alone for k iterations before
+  training starts (Sec. 3.3, ema.initialise_teacher).
+- DKEL, Eq. (12): DK plus the decaying ensemble term L_de of Eq. (9), weighted by w(ep).
+After every optimizer step the teacher follows the student by Eq. (5) (`after_step`).
+
+The compared methods of Tables 1 and 2 (baselines.py) implement the same `Method` interface.
+"""
+import abc
+
+import torch
+import torch.nn as nn
+
+from ema import IndependentTeacher, PeerMeanTeacher, initialise_teacher
+from losses import distillation_objective
+from models import MultiPeerNet
+
+
+class MethodError(ValueError):
+    """A method cannot be built from the settings it was given (one line for the user)."""
+
+
+class Method(abc.ABC):
+    """What the training loop may call of a method, and nothing else.
+
+    A step: `loss(views, labels, weights)` gives the objective and its named parts, then, after
+    the optimizer step, `after_step(step)`. Before the first epoch: `initialise(batches)`.
+    `weights` holds the epoch's r(ep) ("rampup") and w(ep) ("w"); `schedules` names those the
+    objective uses. `views` is (num_views, B, 3, H, W): every peer its own augmented view when
+    `num_views` = M, one augmented batch for every network or branch when it is 1.
+    Evaluation: `eval_logits(images)` gives every output's test logits (docs/spec.md Sec. 4), of
+    which `deployed_keys()` are the deployed model's; `deployable(key)` cuts that output out as a
+    plain network. `modules()` are what a checkpoint holds, `trainable_parameters()` what the
+    optimizer trains. The training forward, `training_forward`, is the one callable that
+    torch.compile and DistributedDataParallel wrap (`wrap_training_forward`).
+    """
+    label = ""                  # the method's column header in the paper's tables
+    num_views = 1               # augmented views of each image that a step needs
+    min_peers = 2               # the --num-peers it needs
+    schedules = ("rampup",)     # the epoch weights its objective uses (the epoch line prints them)
+
+    def __init__(self, training_forward):
+        self.training_forward = training_forward
+
+    @abc.abstractmethod
+    def loss(self, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective of one step and its parts, detached (with "correct" and "logit_norm")."""
+
+    @abc.abstractmethod
+    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The test logits (B, C) of every output, by name."""
+
+    @abc.abstractmethod
+    def deployed_keys(self) -> list[str]:
+        """The outputs of `eval_logits` that are the deployed model."""
+
+    @abc.abstractmethod
+    def deployable(self, name: str) -> nn.Module:
+        """The output `name` as a plain network mapping images (B, 3, H, W) to logits (B, C)."""
+
+    @abc.abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module a checkpoint holds, by name."""
+
+    def initialise(self, batches) -> None:
+        """Before the first epoch, given an endless iterator of training batches: nothing."""
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step` (counted from 0): nothing."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that takes a gradient (an EMA teacher's take none)."""
+        return [p for module in self.modules().values() for p in module.parameters() if p.requires_grad]
+
+    def set_mode(self, train: bool) -> None:
+        for module in self.modules().values():
+            module.train(train)
+
+    def wrap_training_forward(self, wrap) -> None:
+        """Replace the training forward f by wrap(f) (torchrun: DistributedDataParallel)."""
+        self.training_forward = wrap(self.training_forward)
+
+
+class OnlineDistillation(Method):
+    """The multi-peer student with the ensemble head of Eq. (3), its EMA teacher, and how a step
+    and an evaluation use them. PCL, DK and DKEL differ only in the teacher (`make_teacher`), in
+    its initialisation (`initialise`) and in whether w(ep) decays (`decays`)."""
+    decays = False          # Eq. (2): w(ep) = 0
+
+    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float, ema_decay: float,
+                 device: torch.device | str = "cpu", authors_ema_warmup: bool = False,
+                 compile: bool = False):
+        self.temperature, self.kd_weight = temperature, kd_weight
+        self.student = student.to(device)
+        self.teacher = self.make_teacher(ema_decay, authors_ema_warmup, compile)
+        # NHWC convolutions: the tensor cores' layout on CUDA, and about 1.3x faster than NCHW for
+        # resnet32 on a 2-core CPU as well (oneDNN).
+        self.student.to(memory_format=torch.channels_last)
+        self.teacher.network.to(memory_format=torch.channels_last)
+        super().__init__(torch.compile(self.student) if compile else self.student)
+        self.num_views = student.num_peers  # every peer its own augmented view (Sec. 3.2)
+
+    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+        raise NotImplementedError
+
+    def teacher_logits(self, views: torch.Tensor, student_out) -> torch.Tensor:
+        """Teacher peer logits (M, B, C), under no_grad: the teacher learns only by Eq. (5), so
+        every distillation target it gives is detached by construction."""
+        with torch.no_grad():
+            return self.teacher.logits(views, student_out)
+
+    def loss(self, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]):
+        out = self.training_forward(views)
+        teacher_logits = self.teacher_logits(views, out)                     # (M, B, C)
+        loss, parts = distillation_objective(out.logits, out.ensemble, teacher_logits, labels,
+                                             temperature=self.temperature, kd_weight=self.kd_weight,
+                                             rampup=weights["rampup"],
+                                             ensemble_weight=weights["w"] if self.decays else 0.0)
+        # The teacher term is L_pm (PCL's peer mean teacher) or L_dk (the independent teacher).
+        parts = {self.teacher.term if name == "teacher_kd" else name: value for name, value in parts.items()}
+        parts["correct"] = (out.logits.argmax(-1) == labels).float().mean(-1).mean()
+        parts["logit_norm"] = teacher_logits.float().norm(dim=-1).mean()  # collapse watch
+        return loss, parts
+
+    def after_step(self, step: int) -> None:
+        self.teacher.update(step)  # Eq. (5)
+
+    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """docs/spec.md Sec. 4: every student peer, e, every teacher peer, the teacher ensemble."""
+        out = self.student(images)  # the same image to every peer
+        teacher = self.teacher_logits(images, out)
+        logits = {f"student_peer{i}": peer for i, peer in enumerate(out.logits)}
+        logits["student_ensemble"] = out.ensemble
+        logits.update({f"teacher_peer{i}": peer for i, peer in enumerate(teacher)})
+        logits["teacher_ensemble"] = teacher.float().mean(0)
+        return logits
+
+    def deployed_keys(self) -> list[str]:
+        return [f"teacher_peer{i}" for i in range(self.student.num_peers)]
+
+    def deployable(self, name: str) -> nn.Module:
+        """The teacher peer of the output `name` as a plain network (docs/spec.md Sec. 4)."""
+        return self.teacher.deployable(self.deployed_keys().index(name))
+
+    def modules(self) -> dict[str, nn.Module]:
+        # The teacher stays in train mode while training: batch-statistics BatchNorm (ema.py).
+        return {"student": self.student, "teacher": self.teacher.network}
+
+
+class PCL(OnlineDistillation):
+    """Eq. (2): PCL's peer mean teacher (Eq. (4), L_pm), no initialisation (Table 3, row 1)."""
+    label = "PCL"
+
+    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+        return PeerMeanTeacher(self.student, ema_decay, authors_warmup)
+
+
+class DK(OnlineDistillation):
+    """Eq. (2) with L_dk of Eq. (6): the independent teacher, initialised by Sec. 3.3."""
+    label = "PCL+L_dk"
+
+    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float, ema_decay: float,
+                 init_iters: int, init_lr: float, device: torch.device | str = "cpu",
+                 authors_init: bool = False, authors_ema_warmup: bool = False, compile: bool = False):
+        super().__init__(student, temperature=temperature, kd_weight=kd_weight, ema_decay=ema_decay,
+                         device=device, authors_ema_warmup=authors_ema_warmup, compile=compile)
+        # (iterations, lr, weight decay) of Sec. 3.3's step 2: the paper's k at --init-lr, no decay.
+        # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code runs k + 1 SGD steps (its loop
+        # stops after the step at which its counter reaches k) at lr 0.001 with weight decay 5e-4.
+        self.init = (init_iters + 1, 0.001, 5e-4) if authors_init else (init_iters, init_lr, 0.0)
+
+    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+        # Sec. 3.3, step 1: the teacher is a copy of the student.
+        return IndependentTeacher(self.student, ema_decay, authors_warmup, compile)
+
+    def initialise(self, batches) -> None:
+        """Sec. 3.3, step 2: the copied teacher trains alone with cross-entropy for k iterations."""
+        iters, lr, weight_decay = self.init
+        if iters > 0:
+            initialise_teacher(self.teacher.network, batches, iters, lr, weight_decay)
+
+
+class DKEL(DK):
+    """Eq. (12): DK plus the decaying ensemble term L_de of Eq. (9), weighted by w(ep)."""
+    label = "DKEL"
+    decays = True
+    schedules = ("rampup", "w")
