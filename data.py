@@ -203,7 +203,8 @@ def hold_out_validation(data: ImageData, val_size: int, seed: int) -> ImageData:
 
 def check_batch_size(data: ImageData, batch_size: int, val_size: int = 0) -> None:
     """Refuse a batch larger than the training set less the validation split (no batch at all)."""
-    available, held = len(data.train_labels) - val_size, f" less --val-size {val_size}" if val_size else ""
+    available = len(data.train_labels) - val_size
+    held = f" less --val-size {val_size}" if val_size else ""
     if available < batch_size:
         raise DataError(f"--batch-size {batch_size} is larger than the training set of {data.name}{held} "
                         f"({available} images, fewer than one batch); choose a smaller size")

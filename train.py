@@ -39,19 +39,23 @@ def train(args) -> dict:
     """Algorithm 1: train `args.method` and return the run's summary (report.py)."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: pick the fastest kernels once
-    data = load_data(args, device)                          # every image on the device, augmented there
-    method = build_method(args, data.num_classes, device, data.image_shape[-1])  # student and teacher
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: choose kernels once
+    # The data set, on the device, where every batch is augmented (data.py).
+    data = load_data(args, device)
+    # The multi-peer student and its teacher (methods.py), or a compared method (baselines.py).
+    method = build_method(args, data.num_classes, device, data.image_shape[-1])
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     config = rundir.config_of(args, device)
     if args.resume:
-        state = rundir.restore_checkpoint(args.out_dir, config, method.modules(), optimizer, scheduler)
+        state = rundir.restore_checkpoint(args.out_dir, config, method.modules(), optimizer,
+                                          scheduler)
     else:
         rundir.write_json(config, os.path.join(args.out_dir, "config.json"))
         # Sec. 3.3: the teacher, a copy of the student, trains alone for k iterations (DK, DKEL).
-        method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))
+        batches = datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed)
+        method.initialise(batches)
         state = {"epoch": 0, "step": 0, "history": []}
     distributed.prepare(method, args)  # torchrun: DDP, rank 0's weights on every rank
     warn_if_teacher_lags(args, method, data)
@@ -68,31 +72,35 @@ def train(args) -> dict:
             loss, parts = student_step(method, optimizer, views, labels, weights, args.precision)
             # Eq. (5): the teacher follows the student after every optimizer step.
             method.after_step(state["step"])
-            STOP.check(args.out_dir, epoch)  # SIGTERM / SIGINT: stop here, the finished epochs are saved
+            STOP.check(args.out_dir, epoch)  # SIGTERM / SIGINT: the finished epochs are saved
             state["step"] += 1
             add_to(totals, {"loss": loss.detach(), **parts})
-        means = report.epoch_means(distributed.end_of_epoch(method, totals), num_batches)  # one sync
+        # The epoch's one host-device sync: the logged means (torchrun: over every rank).
+        means = report.epoch_means(distributed.end_of_epoch(method, totals), num_batches)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, "lr": lr, **weights, **means, "epoch_seconds": seconds,
                "images_per_s": num_batches * args.batch_size / seconds}
         rundir.check_health(row, args.out_dir, args.collapse_threshold)
+        # Evaluation (docs/spec.md Sec. 4); with a validation split, the model selection too.
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             row.update(evaluate(method, data, args.batch_size, args.precision))
             if data.val_labels is not None:
                 row.update(evaluate(method, data, args.batch_size, args.precision, "val"))
                 report.keep_if_best(args.out_dir, method, row, state["history"])
         scheduler.step()
+        # Saving, every epoch: --resume continues from the last finished one.
         state["history"].append(row)
         state["epoch"] = epoch + 1
         rundir.save_checkpoint(args.out_dir, method.modules(), optimizer, scheduler, state, config)
         rundir.write_metrics(os.path.join(args.out_dir, "metrics.csv"), state["history"])
         report.end_of_epoch(args.out_dir, row, state["history"], args.epochs, method.schedules)
         STOP.check(args.out_dir, epoch + 1)
-    return report.write_summary(args, method, data.num_classes, state["history"], data.image_shape[-1])
+    return report.write_summary(args, method, data.num_classes, state["history"],
+                                data.image_shape[-1])
 
 
-def student_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float],
-                 precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def student_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor,
+                 weights: dict[str, float], precision: str):
     """One SGD step of the student on the method's objective (Eq. (12) for DKEL); no host sync."""
     with autocast(views.device, precision):
         loss, parts = method.loss(views, labels, weights)
@@ -112,12 +120,14 @@ def epoch_weights(args, epoch: int) -> dict[str, float]:
         ramp = rampup(epoch, args.rampup_epochs)
     weight = decay_weight(epoch, args.epochs, args.decay, args.beta)
     if args.authors_weight_cutoff and args.decay == "exp" and weight < 0.01:
-        weight = 0.0  # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code, exponential decay only.
+        # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code, exponential decay only.
+        weight = 0.0
     return {"rampup": ramp, "w": weight}
 
 
 @torch.no_grad()
-def evaluate(method, data, batch_size: int, precision: str, split: str = "test") -> dict[str, float]:
+def evaluate(method, data, batch_size: int, precision: str, split: str = "test"
+             ) -> dict[str, float]:
     """Top-1 accuracy (%) on the test split ("acc_*") or the validation split ("val_acc_*") of
     every output of docs/spec.md Sec. 4 (eval-mode BatchNorm)."""
     method.set_mode(False)
@@ -128,8 +138,10 @@ def evaluate(method, data, batch_size: int, precision: str, split: str = "test")
             logits = method.eval_logits(images)
         for name, value in logits.items():
             correct[name] = correct.get(name, 0) + (value.argmax(-1) == labels).sum()
-    prefix, total = ("acc" if split == "test" else "val_acc"), getattr(data, f"{split}_labels").numel()
-    accuracies = {f"{prefix}_{k}": 100.0 * v.item() / total for k, v in distributed.summed(correct).items()}
+    prefix = "acc" if split == "test" else "val_acc"
+    total = getattr(data, f"{split}_labels").numel()
+    correct = distributed.summed(correct)
+    accuracies = {f"{prefix}_{k}": 100.0 * v.item() / total for k, v in correct.items()}
     deployed = [accuracies[f"{prefix}_{key}"] for key in method.deployed_keys()]
     accuracies[f"{prefix}_deployed_mean"] = sum(deployed) / len(deployed)
     return accuracies
@@ -193,7 +205,8 @@ def warn_if_teacher_lags(args, method, data) -> None:
     """One line on stderr when the run is too short for its EMA teacher (ema.ema_lag_warning)."""
     if not hasattr(method, "teacher"):
         return
-    lag = ema_lag_warning(args.ema_decay, datasets.num_train_batches(data, args.batch_size), args.epochs)
+    steps_per_epoch = datasets.num_train_batches(data, args.batch_size)
+    lag = ema_lag_warning(args.ema_decay, steps_per_epoch, args.epochs)
     if lag:
         print(f"warning: {lag}", file=sys.stderr)
 
@@ -207,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished epoch is saved in {args.out_dir}; continue with the same "
-              f"command plus --resume", file=sys.stderr)
+        print(f"\ninterrupted: every finished epoch is saved in {args.out_dir}; continue with the "
+              f"same command plus --resume", file=sys.stderr)
         return rundir.EXIT_INTERRUPTED
     return 0
 

@@ -4,9 +4,8 @@ import copy
 import pytest
 import torch
 
-from ema import EMATeacher, IndependentTeacher, PeerMeanTeacher
+from ema import EMATeacher, IndependentTeacher, PeerMeanTeacher, initialise_teacher
 from models import MultiPeerNet
-from train import initialise_teacher
 
 
 def _pair(dtype=torch.float64):
@@ -52,7 +51,7 @@ def test_authors_warmup_copies_student_at_first_step():
 def test_independent_teacher_is_a_copy_without_shared_parameters():
     student, _ = _pair(torch.float32)
     ema = IndependentTeacher(student, 0.999)
-    teacher = ema.teacher
+    teacher = ema.network
     assert teacher.ensemble_head is None
     student_ptrs = {p.data_ptr() for p in student.parameters()}
     assert not any(p.data_ptr() in student_ptrs for p in teacher.parameters())
@@ -65,7 +64,7 @@ def test_peer_mean_teacher_covers_the_branches_only():
     student, _ = _pair(torch.float32)
     ema = PeerMeanTeacher(student, 0.999)
     n_branch = sum(p.numel() for p in student.peers.parameters())
-    assert sum(p.numel() for p in ema.teacher.parameters()) == n_branch
+    assert sum(p.numel() for p in ema.network.parameters()) == n_branch
     out = student(torch.randn(3, 2, 3, 32, 32))
     logits = ema.logits(None, out)  # the EMA branches on the student's own trunk output
     assert torch.allclose(logits, out.logits, atol=1e-5)  # a copy at step 0: same logits
@@ -76,14 +75,14 @@ def test_initialisation_changes_teacher_and_leaves_student():
     student = MultiPeerNet("resnet8", 10, 3)
     student_before = copy.deepcopy(student.state_dict())
     ema = IndependentTeacher(student, 0.999)
-    teacher_before = [p.clone() for p in ema.teacher.parameters()]
+    teacher_before = [p.clone() for p in ema.network.parameters()]
     views, labels = torch.randn(3, 8, 3, 32, 32), torch.randint(0, 10, (8,))
-    losses = initialise_teacher(ema.teacher, [(views, labels)] * 2, iters=2, lr=0.01)
+    losses = initialise_teacher(ema.network, [(views, labels)] * 2, iters=2, lr=0.01)
     assert len(losses) == 2 and losses[1] < losses[0]
-    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, ema.teacher.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, ema.network.parameters()))
     for k, v in student.state_dict().items():
         assert torch.equal(v, student_before[k])
-    assert not any(p.requires_grad for p in ema.teacher.parameters())
+    assert not any(p.requires_grad for p in ema.network.parameters())
 
 
 def test_plain_sgd_step_by_hand():
