@@ -31,52 +31,54 @@ from train import METHODS
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 CIFAR = ("cifar10", "cifar100")
 
-# SPEC.md Sec. 9 (paper Tables 1-4, Fig. 6): (mean, std) top-1 %, std None where the paper gives none.
-_T1_COLUMNS = ("dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dkel")
-_T2_COLUMNS = ("baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel")  # Table 2's rows
-_T12 = {
-    "cifar10": {
-        "resnet32": "93.94 .07 94.02 .28 94.20 .12 94.17 .15 94.01 .08 94.33 .06 93.26 .15 94.56 .06",
-        "resnet110": "94.53 .25 95.19 .11 95.16 .30 95.14 .10 95.11 .16 95.47 .05 94.69 .10 95.63 .15",
-        "vgg16": "94.13 .07 94.14 .15 94.14 .23 93.98 .06 94.09 .12 94.28 .44 93.96 .13 94.89 .10",
-        "densenet40_12": "93.59 .26 93.05 .25 93.08 .21 92.64 .22 93.87 .08 93.71 .25 93.19 .02 94.23 .08",
-        "wrn20_8": "95.20 .13 94.59 .08 94.70 .14 94.83 .15 95.27 .16 95.42 .05 94.68 .01 95.53 .06",
-    },
-    "cifar100": {
-        "resnet32": "73.68 .14 72.33 .46 73.79 .41 73.25 .38 73.76 .34 74.14 .05 71.28 .19 74.83 .12",
-        "resnet110": "77.86 .50 78.83 .58 78.40 .36 78.54 .26 78.28 .32 79.59 .38 76.21 .57 80.01 .32",
-        "vgg16": "75.52 .10 74.33 .08 74.37 .39 74.68 .05 75.67 .22 76.96 .03 74.32 .19 77.20 .12",
-        "densenet40_12": "72.60 .31 71.45 .34 71.60 .38 71.23 .14 72.52 .42 72.38 .53 71.03 .15 72.78 .18",
-        "wrn20_8": "79.77 .07 79.40 .12 79.10 .39 78.83 .06 79.37 .30 80.71 .22 78.03 .40 80.80 .27",
-    },
-    "tinyimagenet": {  # Table 2, columns _T2_COLUMNS
-        "resnet18": "51.43 .03 53.25 .07 53.84 .04 52.61 .07 53.91 .04 64.23 .08 64.33 .07",
-        "resnet34": "51.34 .01 53.70 .06 54.02 .13 56.82 .03 53.36 .02 64.62 .09 64.66 .09",
-    },
-}
-# Table 4 as printed (VGG-16 C10, C100, DenseNet-40-12 C10, C100), its beta column lost.
-_T4 = ("94.62 76.87 93.95 73.36", "94.25 76.73 93.97 73.21", "94.59 76.74 93.85 72.82",
-       "94.89 77.20 94.23 72.78", "94.79 76.76 93.64 72.75")
+# SPEC.md Sec. 9 (paper Tables 1-4, Fig. 6's text), top-1 %: a block per table in paper_results.csv.
+PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.csv")
+TABLE2_METHODS = ("baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel")  # Table 2's rows, in order
+
+
+def paper_tables(path: str = PAPER_RESULTS) -> dict[str, list[dict[str, str]]]:
+    """The paper's tables as paper_results.csv prints them: table name -> its rows, column -> cell.
+
+    Each block opens with its header row: table, dataset, network, then the table's columns in the
+    paper's order (methods for Tables 1-2; Table 3's rows PCL, +L_dk, +L_de, both as pcl, dk, de,
+    dkel; Table 4's printed rows 1-5, its beta values lost; Fig. 6's k). A cell is "mean±std",
+    the mean alone where the paper gives no std, empty where it gives no number."""
+    tables, header = {}, []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.reader(f):
+            if row and row[0] == "table":
+                header = row
+            elif row:
+                tables.setdefault(row[0], []).append(dict(zip(header, row)))
+    return tables
+
+
+def paper_cell(text: str) -> tuple[float, float | None]:
+    """'74.83±0.12' -> (74.83, 0.12); '74.67' -> (74.67, None)."""
+    mean, _, std = text.partition("±")
+    return float(mean), (float(std) if std else None)
 
 
 def paper_numbers() -> dict[tuple[str, str, str, str], tuple[float, float | None]]:
     """(dataset, arch, method, setting tag) -> (mean, std) of the paper's Tables 1-4 and Fig. 6."""
-    table = {}
-    for dataset, rows in _T12.items():
-        for arch, cells in rows.items():
-            values = [float(v) for v in cells.split()]
-            for k, method in enumerate(_T2_COLUMNS if dataset == "tinyimagenet" else _T1_COLUMNS):
-                table[dataset, arch, method, ""] = (values[2 * k], values[2 * k + 1])
-    for dataset, arch in itertools.product(CIFAR, ("vgg16", "densenet40_12")):
-        table[dataset, arch, "dkel", "beta0.5"] = table[dataset, arch, "dkel", ""]  # Table 4, row 4
-    quoted = (("cifar10", "dk", "", 94.54), ("cifar100", "dk", "", 74.67),          # Table 3, "+ L_dk"
-              ("cifar10", "dkel", "k1", 94.56), ("cifar10", "dkel", "k10", 94.63),  # Fig. 6's text
-              ("cifar100", "dkel", "k1", 74.83), ("cifar100", "dkel", "k5", 74.96))
-    for dataset, method, tag, value in quoted:
-        table[dataset, "resnet32", method, tag] = (value, None)
-    return table
+    tables = paper_tables()
+    numbers = {}
+    for row in tables["table1"] + tables["table2"]:
+        for method, text in list(row.items())[3:]:
+            numbers[row["dataset"], row["network"], method, ""] = paper_cell(text)
+    for row in tables["table3"]:  # its PCL and both-terms rows are Table 1's, +L_de is not trained
+        numbers[row["dataset"], row["network"], "dk", ""] = paper_cell(row["dk"])
+    for row in tables["table4"]:  # its row 4 is Table 1's DKEL (beta 0.5, Sec. 4.2), std and all
+        dkel = row["dataset"], row["network"], "dkel"
+        numbers[(*dkel, "beta0.5")] = numbers[(*dkel, "")]
+    for row in tables["fig6"]:    # Fig. 6 prints no numbers; its text quotes these
+        for tag, text in list(row.items())[3:]:
+            if text:
+                numbers[row["dataset"], row["network"], "dkel", tag] = paper_cell(text)
+    return numbers
 
 
+PAPER_TABLES = paper_tables()
 PAPER = paper_numbers()
 BETA_HELP = ("table4's beta grid 0.05 0.1 0.2 0.5 2.5 (the paper's values were lost): Table 4's row 4 is "
              "Table 1's DKEL (beta 0.5, Sec. 4.2) and its DenseNet CIFAR-100 column falls row by row as the "
@@ -101,7 +103,7 @@ class Experiment(NamedTuple):
 EXPERIMENTS = {
     "table1": Experiment(CIFAR, ("resnet32", "resnet110", "vgg16", "densenet40_12", "wrn20_8"),
                          tuple(m for m in METHODS if m != "kd")),
-    "table2": Experiment(("tinyimagenet",), ("resnet18", "resnet34"), _T2_COLUMNS),
+    "table2": Experiment(("tinyimagenet",), ("resnet18", "resnet34"), TABLE2_METHODS),
     "table3": Experiment(CIFAR, ("resnet32",), ("pcl", "dk", "dkel")),
     # NOTE(paper): Table 4's beta values were lost from the paper's text; BETA_HELP says how ours were chosen.
     "table4": Experiment(CIFAR, ("vgg16", "densenet40_12"), ("dkel",),
@@ -309,26 +311,42 @@ def layout(args):
 
 
 NOTES = {
-    "table3": "Table 3's +L_de row (PCL's teacher with the decaying ensemble, not trained here): "
-              "94.35 (CIFAR-10) / 74.64 (CIFAR-100), not reproduced; the other rows are PCL, dk, dkel.",
     "fig6": "Fig. 6 prints no numbers; the bracketed ones are quoted in its text (ResNet-32).",
     "fig7": "Fig. 7 prints no numbers: exp is best at almost every epoch, cos worst (late overfitting).",
 }
+
+
+def table3_note() -> str:
+    """Table 3's +L_de row: PCL's teacher with the decaying ensemble, which no method here trains."""
+    quoted = " / ".join(f"{row['de']} ({row['dataset']})" for row in PAPER_TABLES["table3"])
+    return (f"Table 3's +L_de row (PCL's teacher with the decaying ensemble, not trained here): "
+            f"{quoted}, not reproduced; the other rows are PCL, dk, dkel.")
+
+
+def table4_as_printed() -> list[str]:
+    """The paper's Table 4 laid out as printed: a row per (lost) beta, a column per network and set."""
+    columns = PAPER_TABLES["table4"]     # paper_results.csv has a row per column of the paper's
+    printed_rows = list(columns[0])[3:]  # row1 .. row5
+    header = " | ".join(f"{column['network']} {column['dataset']}" for column in columns)
+    lines = [f"| paper's row | {header} |", "|---|" + "---|" * len(columns)]
+    for i, name in enumerate(printed_rows, 1):
+        lines.append(f"| {i} | " + " | ".join(column[name] for column in columns) + " |")
+    return lines
 
 
 def notes(args) -> list[str]:
     """What the experiment's table needs said beneath it."""
     if args.experiment in NOTES:
         return [NOTES[args.experiment], ""]
+    if args.experiment == "table3":
+        return [table3_note(), ""]
     if args.experiment == "table2" and "kd" in args.methods:
-        return ["KD: CE + λ·r(ep)·L_kd of Eq. (1) from the frozen deployed model of the baseline run of "
-                f"{args.kd_teacher_arch or 'the same network'}, same seed. NOTE(paper): the paper does not "
-                "name its KD row's teacher (`--kd-teacher-arch` picks another).", ""]
+        return ["KD: CE + λ·r(ep)·L_kd of Eq. (1) from the frozen deployed model of the baseline run "
+                f"of {args.kd_teacher_arch or 'the same network'}, same seed. NOTE(paper): the paper "
+                "does not name its KD row's teacher (`--kd-teacher-arch` picks another).", ""]
     if args.experiment == "table4":
-        rows = [f"| {i} | " + " | ".join(r.split()) + " |" for i, r in enumerate(_T4, 1)]
-        return ["## The paper's Table 4, rows in their printed order (its β values were lost from the text)",
-                "", "| paper's row | vgg16 cifar10 | vgg16 cifar100 | densenet40_12 cifar10 | densenet40_12 "
-                "cifar100 |", "|---|---|---|---|---|", *rows, "", f"NOTE(paper): {BETA_HELP}.", ""]
+        title = "The paper's Table 4, rows in their printed order (its β values were lost from the text)"
+        return [f"## {title}", "", *table4_as_printed(), "", f"NOTE(paper): {BETA_HELP}.", ""]
     return []
 
 
