@@ -32,7 +32,7 @@ from train import METHODS
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 CIFAR = ("cifar10", "cifar100")
 
-# SPEC.md Sec. 9 (paper Tables 1-4, Fig. 6's text), top-1 %: a block per table in paper_results.csv.
+# The paper's Tables 1-4 and the numbers Fig. 6's text quotes (top-1 %), beside this file.
 PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.csv")
 # Table 2's rows, in the paper's order.
 TABLE2_METHODS = ("baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel")
