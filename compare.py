@@ -1,10 +1,11 @@
-"""The paper's Tables 1-4, Fig. 6 and Fig. 7 from runs of train.py, one `--experiment` each: a grid
-of runs (data sets x networks x methods x settings x seeds), each in its own directory
-<runs-dir>/<dataset>_<arch>_<method>[_<setting>]_seed<seed>. compare.py trains the unfinished ones
-in turn (or, with `--gpus`, one per GPU at a time), then writes <runs-dir>/<experiment>_<datasets>.md
--- each run's honest figure (report.headline), mean +- std over seeds, the paper's number in
-brackets, the paper's best-epoch convention, every missing or failed run -- and a PNG. `--read-only`
-trains nothing, `--list` prints the grid, `--cell I` trains its I-th run (a SLURM array task)."""
+"""The paper's Tables 1-4, Fig. 6 and Fig. 7 from runs of train.py, one `--experiment` each: a
+grid of runs (data sets x networks x methods x settings x seeds), each in its own directory
+<runs-dir>/<dataset>_<arch>_<method>[_<setting>]_seed<seed>. compare.py trains the unfinished
+ones in turn (or, with `--gpus`, one per GPU at a time), then writes
+<runs-dir>/<experiment>_<datasets>.md -- each run's honest figure (report.headline), mean +- std
+over seeds, the paper's number in brackets (paper_results.csv), the paper's best-epoch convention,
+every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list` prints the grid,
+`--cell I` trains its I-th run (a SLURM array task)."""
 import argparse
 import contextlib
 import csv
@@ -31,58 +32,62 @@ from report import pyplot
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 CIFAR = ("cifar10", "cifar100")
 
-# SPEC.md Sec. 9 (paper Tables 1-4, Fig. 6): (mean, std) top-1 %, std None where the paper gives none.
-_T1_COLUMNS = ("dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dkel")
-_T2_COLUMNS = ("baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel")  # Table 2's rows
-_T12 = {
-    "cifar10": {
-        "resnet32": "93.94 .07 94.02 .28 94.20 .12 94.17 .15 94.01 .08 94.33 .06 93.26 .15 94.56 .06",
-        "resnet110": "94.53 .25 95.19 .11 95.16 .30 95.14 .10 95.11 .16 95.47 .05 94.69 .10 95.63 .15",
-        "vgg16": "94.13 .07 94.14 .15 94.14 .23 93.98 .06 94.09 .12 94.28 .44 93.96 .13 94.89 .10",
-        "densenet40_12": "93.59 .26 93.05 .25 93.08 .21 92.64 .22 93.87 .08 93.71 .25 93.19 .02 94.23 .08",
-        "wrn20_8": "95.20 .13 94.59 .08 94.70 .14 94.83 .15 95.27 .16 95.42 .05 94.68 .01 95.53 .06",
-    },
-    "cifar100": {
-        "resnet32": "73.68 .14 72.33 .46 73.79 .41 73.25 .38 73.76 .34 74.14 .05 71.28 .19 74.83 .12",
-        "resnet110": "77.86 .50 78.83 .58 78.40 .36 78.54 .26 78.28 .32 79.59 .38 76.21 .57 80.01 .32",
-        "vgg16": "75.52 .10 74.33 .08 74.37 .39 74.68 .05 75.67 .22 76.96 .03 74.32 .19 77.20 .12",
-        "densenet40_12": "72.60 .31 71.45 .34 71.60 .38 71.23 .14 72.52 .42 72.38 .53 71.03 .15 72.78 .18",
-        "wrn20_8": "79.77 .07 79.40 .12 79.10 .39 78.83 .06 79.37 .30 80.71 .22 78.03 .40 80.80 .27",
-    },
-    "tinyimagenet": {  # Table 2, columns _T2_COLUMNS
-        "resnet18": "51.43 .03 53.25 .07 53.84 .04 52.61 .07 53.91 .04 64.23 .08 64.33 .07",
-        "resnet34": "51.34 .01 53.70 .06 54.02 .13 56.82 .03 53.36 .02 64.62 .09 64.66 .09",
-    },
-}
-# Table 4 as printed (VGG-16 C10, C100, DenseNet-40-12 C10, C100), its beta column lost.
-_T4 = ("94.62 76.87 93.95 73.36", "94.25 76.73 93.97 73.21", "94.59 76.74 93.85 72.82",
-       "94.89 77.20 94.23 72.78", "94.79 76.76 93.64 72.75")
+# The paper's Tables 1-4 and the numbers Fig. 6's text quotes (top-1 %), beside this file.
+PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.csv")
+# Table 2's rows, in the paper's order.
+TABLE2_METHODS = ("baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel")
+
+
+def paper_tables(path: str = PAPER_RESULTS) -> dict[str, list[dict[str, str]]]:
+    """The paper's tables as paper_results.csv prints them: table name -> its rows, column -> cell.
+
+    Each block opens with its header row: table, dataset, network, then the table's columns in the
+    paper's order (methods for Tables 1-2; Table 3's rows PCL, +L_dk, +L_de, both as pcl, dk, de,
+    dkel; Table 4's printed rows 1-5, its beta values lost; Fig. 6's k). A cell is "mean±std",
+    the mean alone where the paper gives no std, empty where it gives no number."""
+    tables, header = {}, []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.reader(f):
+            if row and row[0] == "table":
+                header = row
+            elif row:
+                tables.setdefault(row[0], []).append(dict(zip(header, row)))
+    return tables
+
+
+def paper_cell(text: str) -> tuple[float, float | None]:
+    """'74.83±0.12' -> (74.83, 0.12); '74.67' -> (74.67, None)."""
+    mean, _, std = text.partition("±")
+    return float(mean), (float(std) if std else None)
 
 
 def paper_numbers() -> dict[tuple[str, str, str, str], tuple[float, float | None]]:
     """(dataset, arch, method, setting tag) -> (mean, std) of the paper's Tables 1-4 and Fig. 6."""
-    table = {}
-    for dataset, rows in _T12.items():
-        for arch, cells in rows.items():
-            values = [float(v) for v in cells.split()]
-            for k, method in enumerate(_T2_COLUMNS if dataset == "tinyimagenet" else _T1_COLUMNS):
-                table[dataset, arch, method, ""] = (values[2 * k], values[2 * k + 1])
-    for dataset, arch in itertools.product(CIFAR, ("vgg16", "densenet40_12")):
-        table[dataset, arch, "dkel", "beta0.5"] = table[dataset, arch, "dkel", ""]  # Table 4, row 4
-    quoted = (("cifar10", "dk", "", 94.54), ("cifar100", "dk", "", 74.67),          # Table 3, "+ L_dk"
-              ("cifar10", "dkel", "k1", 94.56), ("cifar10", "dkel", "k10", 94.63),  # Fig. 6's text
-              ("cifar100", "dkel", "k1", 74.83), ("cifar100", "dkel", "k5", 74.96))
-    for dataset, method, tag, value in quoted:
-        table[dataset, "resnet32", method, tag] = (value, None)
-    return table
+    tables = paper_tables()
+    numbers = {}
+    for row in tables["table1"] + tables["table2"]:
+        for method, text in list(row.items())[3:]:
+            numbers[row["dataset"], row["network"], method, ""] = paper_cell(text)
+    for row in tables["table3"]:  # its PCL and both-terms rows are Table 1's, +L_de is not trained
+        numbers[row["dataset"], row["network"], "dk", ""] = paper_cell(row["dk"])
+    for row in tables["table4"]:  # its row 4 is Table 1's DKEL (beta 0.5, Sec. 4.2), std and all
+        dkel = row["dataset"], row["network"], "dkel"
+        numbers[(*dkel, "beta0.5")] = numbers[(*dkel, "")]
+    for row in tables["fig6"]:    # Fig. 6 prints no numbers; its text quotes these
+        for tag, text in list(row.items())[3:]:
+            if text:
+                numbers[row["dataset"], row["network"], "dkel", tag] = paper_cell(text)
+    return numbers
 
 
+PAPER_TABLES = paper_tables()
 PAPER = paper_numbers()
-BETA_HELP = ("table4's beta grid 0.05 0.1 0.2 0.5 2.5 (the paper's values were lost): Table 4's row 4 is "
-             "Table 1's DKEL (beta 0.5, Sec. 4.2) and its DenseNet CIFAR-100 column falls row by row as the "
-             "prose says smaller beta is better, so its rows are increasing betas, 0.5 fourth; the largest "
-             "sends w(ep) below 0.01 (the authors' cut-off) after two epochs (w(2) = exp(-5)), the small "
-             "ones after dozens (from epoch 24, 47, 93)")
+BETA_HELP = ("table4's beta grid 0.05 0.1 0.2 0.5 2.5 (the paper's values were lost): "
+             "Table 4's row 4 is Table 1's DKEL (beta 0.5, Sec. 4.2) and its DenseNet CIFAR-100 "
+             "column falls row by row as the prose says smaller beta is better, so its rows are "
+             "increasing betas, 0.5 fourth; the largest sends w(ep) below 0.01 (the authors' "
+             "cut-off) after two epochs (w(2) = exp(-5)), the small ones after dozens "
+             "(from epoch 24, 47, 93)")
 
 
 def sweep(tag: str, name: str, flag: str, values) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
@@ -101,50 +106,61 @@ class Experiment(NamedTuple):
 EXPERIMENTS = {
     "table1": Experiment(CIFAR, ("resnet32", "resnet110", "vgg16", "densenet40_12", "wrn20_8"),
                          tuple(m for m in METHODS if m != "kd")),
-    "table2": Experiment(("tinyimagenet",), ("resnet18", "resnet34"), _T2_COLUMNS),
+    "table2": Experiment(("tinyimagenet",), ("resnet18", "resnet34"), TABLE2_METHODS),
     "table3": Experiment(CIFAR, ("resnet32",), ("pcl", "dk", "dkel")),
-    # NOTE(paper): Table 4's beta values were lost from the paper's text; BETA_HELP says how ours were chosen.
+    # NOTE(paper): Table 4's beta values were lost from the paper's text;
+    # BETA_HELP says how ours were chosen.
     "table4": Experiment(CIFAR, ("vgg16", "densenet40_12"), ("dkel",),
                          sweep("beta", "β", "--beta", (0.05, 0.1, 0.2, 0.5, 2.5)), "sweep"),
     "fig6": Experiment(CIFAR, ("resnet32", "densenet40_12"), ("dkel",),         # k of Sec. 3.3
                        sweep("k", "k", "--init-iters", (1, 2, 5, 10, 20)), "sweep"),
     # NOTE(paper): Fig. 7's data set is not named in the text; both CIFAR sets are drawn.
-    "fig7": Experiment(CIFAR, ("resnet32",), ("dkel",), sweep("decay", "decay", "--decay", DECAYS), "curves"),
+    "fig7": Experiment(CIFAR, ("resnet32",), ("dkel",),
+                       sweep("decay", "decay", "--decay", DECAYS), "curves"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="The paper's tables and figures (Sec. 4.3) from train.py runs; "
-                                            "arguments after -- are passed to every train.py run.",
-                                epilog="small scale on a CPU, with an EMA decay fit for 78 steps: compare.py "
-                                       "--dataset synthetic --archs resnet8 --epochs 2 -- --ema-decay 0.7")
+    p = argparse.ArgumentParser(
+        description="The paper's tables and figures (Sec. 4.3) from train.py runs; "
+                    "arguments after -- are passed to every train.py run.",
+        epilog="small scale on a CPU, with an EMA decay fit for 78 steps: compare.py "
+               "--dataset synthetic --archs resnet8 --epochs 2 -- --ema-decay 0.7")
     a = p.add_argument
     a("--experiment", default="table1", choices=list(EXPERIMENTS),
-      help="table1: Table 1 (C10/100, five networks, every online method); table2: TinyImageNet with KD; "
-           "table3: the ablation (pcl, dk, dkel); table4: DKEL's beta sensitivity, vgg16 and densenet40_12; "
-           "fig6: initialisation iterations k = 1 2 5 10 20; fig7: the exp/cos/linear decays against the "
-           f"epoch (resnet32). {BETA_HELP}")
+      help="table1: Table 1 (C10/100, five networks, every online method); "
+           "table2: TinyImageNet with KD; table3: the ablation (pcl, dk, dkel); "
+           "table4: DKEL's beta sensitivity, vgg16 and densenet40_12; "
+           "fig6: initialisation iterations k = 1 2 5 10 20; "
+           f"fig7: the exp/cos/linear decays against the epoch (resnet32). {BETA_HELP}")
     a("--dataset", nargs="+", choices=DATASETS, help="data sets (default: the experiment's)")
     a("--archs", nargs="+", choices=list(ARCHS), help="networks (default: the experiment's)")
-    a("--methods", nargs="+", choices=list(METHODS), help="methods (default: the experiment's, paper order)")
-    a("--kd-teacher-arch", choices=list(ARCHS), help="kd's teacher: the baseline run of this network "
-      "(default: the student's; the paper does not say which teacher its KD row used, Table 2)")
-    a("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every cell (mean +- std over them)")
+    a("--methods", nargs="+", choices=list(METHODS),
+      help="methods (default: the experiment's, paper order)")
+    a("--kd-teacher-arch", choices=list(ARCHS),
+      help="kd's teacher: the baseline run of this network (default: the student's; "
+           "the paper does not say which teacher its KD row used, Table 2)")
+    a("--seeds", nargs="+", type=int, default=[0, 1, 2],
+      help="seeds of every cell (mean +- std over them)")
     a("--epochs", type=int, help="epochs of every run (default: train.py's, the paper's 300 / 100)")
     a("--runs-dir", default="runs", help="where the runs and the tables live")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--read-only", action="store_true",
                       help="train nothing: tabulate the finished runs, list the others as missing")
-    mode.add_argument("--list", action="store_true", help="print the grid, one train.py command per line")
+    mode.add_argument("--list", action="store_true",
+                      help="print the grid, one train.py command per line")
     mode.add_argument("--cell", type=int, metavar="I",
                       help="train only the I-th run of --list (0-based; e.g. $SLURM_ARRAY_TASK_ID)")
     mode.add_argument("--gpus", nargs="+", metavar="ID",
-                      help="train in parallel, one run at a time per listed GPU (CUDA_VISIBLE_DEVICES)")
+                      help="train in parallel, one run at a time per listed GPU "
+                           "(CUDA_VISIBLE_DEVICES)")
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The options over the experiment's defaults, `train_args` after --; bad input: one line, exit 2."""
+    """The options over the experiment's defaults, `train_args` after --.
+
+    Bad input: one line, exit 2."""
     split = argv.index("--") if "--" in argv else len(argv)
     parser = build_parser()
     args = parser.parse_args(argv[:split])
@@ -153,7 +169,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dataset = args.dataset or list(experiment.datasets)
     args.archs = args.archs or list(experiment.archs)
     args.methods = args.methods or list(experiment.methods)
-    args.settings, args.figure = experiment.settings, experiment.figure
+    args.settings = experiment.settings
+    args.figure = experiment.figure
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     return args
@@ -175,26 +192,29 @@ class Run(NamedTuple):
 
 def run_dir(args, run: Run) -> str:
     """<runs-dir>/<dataset>_<arch>_<method>[_<setting>][_teacher-<arch>]_seed<seed>."""
-    parts = [run.dataset, run.arch, run.method, run.tag, run.teacher and f"teacher-{run.teacher.arch}"]
+    teacher = f"teacher-{run.teacher.arch}" if run.teacher else ""
+    parts = [run.dataset, run.arch, run.method, run.tag, teacher]
     return os.path.join(args.runs_dir, "_".join(p for p in parts if p) + f"_seed{run.seed}")
 
 
 def grid(args) -> list[Run]:
-    """Every run of the experiment, in the order of --list; a kd run's teacher run comes before it."""
+    """Every run of the experiment, in the order of --list; a kd run's teacher run comes first."""
     runs = []
     for dataset, arch, method, (tag, _, flags), seed in itertools.product(
             args.dataset, args.archs, args.methods, args.settings, args.seeds):
-        teacher = Run(dataset, args.kd_teacher_arch or arch, "baseline", "", (), seed)
-        new = [teacher, Run(dataset, arch, method, tag, flags, seed, teacher)] if method == "kd" else \
-            [Run(dataset, arch, method, tag, flags, seed)]
+        if method == "kd":
+            teacher = Run(dataset, args.kd_teacher_arch or arch, "baseline", "", (), seed)
+            new = [teacher, Run(dataset, arch, method, tag, flags, seed, teacher)]
+        else:
+            new = [Run(dataset, arch, method, tag, flags, seed)]
         runs += [run for run in new if run not in runs]
     return runs
 
 
 def command(args, run: Run, *extra: str) -> list[str]:
     """train.py's arguments for `run`; the pass-through arguments come last, so they win."""
-    argv = ["--dataset", run.dataset, "--arch", run.arch, "--method", run.method, "--seed", str(run.seed),
-            "--out-dir", run_dir(args, run), *run.flags]
+    argv = ["--dataset", run.dataset, "--arch", run.arch, "--method", run.method,
+            "--seed", str(run.seed), "--out-dir", run_dir(args, run), *run.flags]
     argv += ["--epochs", str(args.epochs)] if args.epochs else []
     argv += ["--teacher-run", run_dir(args, run.teacher)] if run.teacher else []
     return [*argv, *extra, *args.train_args]
@@ -205,9 +225,14 @@ def finished(args, run: Run) -> bool:
 
 
 def launch_argv(args, run: Run) -> list[str]:
-    """The command that trains `run` now: resumed from its checkpoint if it has one, on CUDA with --gpus."""
-    extra = ["--resume"] if os.path.exists(os.path.join(run_dir(args, run), "checkpoint.pt")) else []
-    return command(args, run, *extra, *(["--device", "cuda"] if args.gpus else []))
+    """The command that trains `run` now: resumed from its checkpoint if it has one, on CUDA with
+    --gpus."""
+    extra = []
+    if os.path.exists(os.path.join(run_dir(args, run), "checkpoint.pt")):
+        extra.append("--resume")
+    if args.gpus:
+        extra += ["--device", "cuda"]
+    return command(args, run, *extra)
 
 
 # ----------------------------------------------------------------------------- training the grid
@@ -226,12 +251,15 @@ def launch_on_gpu(argv: list[str], gpu: str) -> int:
     os.makedirs(out_dir, exist_ok=True)
     print(f"== GPU {gpu}: train.py {shlex.join(argv)}", flush=True)
     with open(os.path.join(out_dir, "train.log"), "a") as log:
-        return subprocess.run([sys.executable, TRAIN_PY, *argv], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}).returncode
+        child = subprocess.run([sys.executable, TRAIN_PY, *argv],
+                               stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+    return child.returncode
 
 
 def train_parallel(argvs: list[list[str]], gpus: list[str]) -> list[int]:
-    """The runs in parallel, one at a time per GPU: a worker takes a free GPU, runs, gives it back."""
+    """The runs in parallel, one at a time per GPU: a worker takes a free GPU, runs, gives it
+    back."""
     free = queue.Queue()
     for gpu in gpus:
         free.put(gpu)
@@ -250,18 +278,27 @@ def train_parallel(argvs: list[list[str]], gpus: list[str]) -> list[int]:
 def train_missing(args, runs: list[Run]) -> dict[Run, str]:
     """Train (or resume) every unfinished run (--gpus: in parallel), kd runs last; the failures."""
     failed = {}
-    for wave in ([r for r in runs if r.teacher is None], [r for r in runs if r.teacher is not None]):
+    without_teacher = [run for run in runs if run.teacher is None]  # kd's teachers among them
+    kd_students = [run for run in runs if run.teacher is not None]
+    for wave in (without_teacher, kd_students):
         todo = [run for run in wave if not finished(args, run)]
         argvs = [launch_argv(args, run) for run in todo]
-        codes = train_parallel(argvs, args.gpus) if args.gpus else [train_in_process(a) for a in argvs]
-        failed.update({run: f"failed (exit code {code})" for run, code in zip(todo, codes) if code != 0})
+        if args.gpus:
+            codes = train_parallel(argvs, args.gpus)
+        else:
+            codes = [train_in_process(argv) for argv in argvs]
+        for run, code in zip(todo, codes):
+            if code != 0:
+                failed[run] = f"failed (exit code {code})"
     return failed
 
 
 def train_cell(args, runs: list[Run]) -> int:
-    """--cell I: train the I-th run of the grid alone (nothing if it has finished); its exit code."""
+    """--cell I: train the I-th run of the grid alone (nothing if it has finished); its exit
+    code."""
     if not 0 <= args.cell < len(runs):
-        print(f"error: --cell {args.cell} is outside the grid's runs 0..{len(runs) - 1}", file=sys.stderr)
+        print(f"error: --cell {args.cell} is outside the grid's runs 0..{len(runs) - 1}",
+              file=sys.stderr)
         return 2
     run = runs[args.cell]
     if finished(args, run):
@@ -272,7 +309,8 @@ def train_cell(args, runs: list[Run]) -> int:
 
 # ----------------------------------------------------------------------------- tables
 def collect(args, runs: list[Run], failed: dict[Run, str]) -> tuple[dict, list[str]]:
-    """Run key -> {"final": [...], "best": [...]} over the finished seeds; the others by directory."""
+    """Run key -> {"final": [...], "best": [...]} over the finished seeds; the others by
+    directory."""
     results, problems = {}, []
     for run in runs:
         path = os.path.join(run_dir(args, run), "summary.json")
@@ -296,59 +334,91 @@ def cell(mean: float, std: float | None) -> str:
 
 
 def layout(args):
-    """Corner label, rows and columns ((id, label) each), a cell's run key. Tables 1-3: a row per data
-    set and network, a column per method; Table 4, Figs. 6-7: a row per setting (as the paper's)."""
+    """Corner label, rows and columns ((id, label) each), a cell's run key. Tables 1-3: a row per
+    data set and network, a column per method; Table 4, Figs. 6-7: a row per setting (as the
+    paper's)."""
     if args.figure == "bars":
         rows = [((d, a), f"{d} {a}") for d, a in itertools.product(args.dataset, args.archs)]
         columns = [(m, METHODS[m].label) for m in args.methods]
         return "network", rows, columns, lambda row, col: (*row, col, "")
     rows = [(tag, label) for tag, label, _ in args.settings]
-    columns = [((d, a, m), f"{a} {d}" + (f" {METHODS[m].label}" if len(args.methods) > 1 else ""))
-               for a, d, m in itertools.product(args.archs, args.dataset, args.methods)]
+    columns = []
+    for a, d, m in itertools.product(args.archs, args.dataset, args.methods):
+        method = f" {METHODS[m].label}" if len(args.methods) > 1 else ""
+        columns.append(((d, a, m), f"{a} {d}{method}"))
     return "setting", rows, columns, lambda row, col: (*col, row)
 
 
 NOTES = {
-    "table3": "Table 3's +L_de row (PCL's teacher with the decaying ensemble, not trained here): "
-              "94.35 (CIFAR-10) / 74.64 (CIFAR-100), not reproduced; the other rows are PCL, dk, dkel.",
     "fig6": "Fig. 6 prints no numbers; the bracketed ones are quoted in its text (ResNet-32).",
-    "fig7": "Fig. 7 prints no numbers: exp is best at almost every epoch, cos worst (late overfitting).",
+    "fig7": "Fig. 7 prints no numbers: exp is best at almost every epoch, "
+            "cos worst (late overfitting).",
 }
+
+
+def table3_note() -> str:
+    """Table 3's +L_de row: PCL's teacher with the decaying ensemble, which no method here
+    trains."""
+    quoted = " / ".join(f"{row['de']} ({row['dataset']})" for row in PAPER_TABLES["table3"])
+    return (f"Table 3's +L_de row (PCL's teacher with the decaying ensemble, not trained here): "
+            f"{quoted}, not reproduced; the other rows are PCL, dk, dkel.")
+
+
+def table4_as_printed() -> list[str]:
+    """The paper's Table 4 laid out as printed: a row per (lost) beta, a column per network and
+    data set."""
+    columns = PAPER_TABLES["table4"]     # paper_results.csv has a row per column of the paper's
+    printed_rows = list(columns[0])[3:]  # row1 .. row5
+    header = " | ".join(f"{column['network']} {column['dataset']}" for column in columns)
+    lines = [f"| paper's row | {header} |", "|---|" + "---|" * len(columns)]
+    for i, name in enumerate(printed_rows, 1):
+        lines.append(f"| {i} | " + " | ".join(column[name] for column in columns) + " |")
+    return lines
 
 
 def notes(args) -> list[str]:
     """What the experiment's table needs said beneath it."""
     if args.experiment in NOTES:
         return [NOTES[args.experiment], ""]
+    if args.experiment == "table3":
+        return [table3_note(), ""]
     if args.experiment == "table2" and "kd" in args.methods:
-        return ["KD: CE + λ·r(ep)·L_kd of Eq. (1) from the frozen deployed model of the baseline run of "
-                f"{args.kd_teacher_arch or 'the same network'}, same seed. NOTE(paper): the paper does not "
-                "name its KD row's teacher (`--kd-teacher-arch` picks another).", ""]
+        teacher = args.kd_teacher_arch or "the same network"
+        return ["KD: CE + λ·r(ep)·L_kd of Eq. (1) from the frozen deployed model of the baseline "
+                f"run of {teacher}, same seed. NOTE(paper): the paper does not name its KD row's "
+                "teacher (`--kd-teacher-arch` picks another).", ""]
     if args.experiment == "table4":
-        rows = [f"| {i} | " + " | ".join(r.split()) + " |" for i, r in enumerate(_T4, 1)]
-        return ["## The paper's Table 4, rows in their printed order (its β values were lost from the text)",
-                "", "| paper's row | vgg16 cifar10 | vgg16 cifar100 | densenet40_12 cifar10 | densenet40_12 "
-                "cifar100 |", "|---|---|---|---|---|", *rows, "", f"NOTE(paper): {BETA_HELP}.", ""]
+        title = ("The paper's Table 4, rows in their printed order "
+                 "(its β values were lost from the text)")
+        return [f"## {title}", "", *table4_as_printed(), "", f"NOTE(paper): {BETA_HELP}.", ""]
     return []
+
+
+def table_cell(ours: dict | None, stat: str, paper: tuple[float, float | None] | None) -> str:
+    """Our mean ± std over the seeds and their count ("—" before any finished), the paper's number
+    in brackets where it has one."""
+    text = f"{cell(*mean_std(ours[stat]))} (n={len(ours[stat])})" if ours else "—"
+    return f"{text} ({cell(*paper)})" if paper else text
 
 
 def markdown(args, results: dict, problems: list[str]) -> str:
     corner, rows, columns, key = layout(args)
-    lines = [f"# {args.experiment}: top-1 % of the deployed model, mean ± std over seeds {args.seeds}", ""]
-    for stat, title in (("final", "Final epoch (this project's headline; SPEC.md Sec. 4)"),
-                        ("best", "Paper's convention: best deployed output at its best test epoch")):
+    title = f"{args.experiment}: top-1 % of the deployed model, mean ± std over seeds {args.seeds}"
+    lines = [f"# {title}", ""]
+    sections = (("final", "Final epoch (this project's headline; SPEC.md Sec. 4)"),
+                ("best", "Paper's convention: best deployed output at its best test epoch"))
+    for stat, title in sections:
         lines += [f"## {title}", "", "ours (the paper's number in brackets; SPEC.md Sec. 9)", "",
                   f"| {corner} | " + " | ".join(label for _, label in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for row, row_label in rows:
-            cells = []
-            for col, _ in columns:
-                ours = results.get(key(row, col))
-                text = cell(*mean_std(ours[stat])) + f" (n={len(ours[stat])})" if ours else "—"
-                cells.append(text + (f" ({cell(*PAPER[key(row, col)])})" if key(row, col) in PAPER else ""))
+            cells = [table_cell(results.get(key(row, col)), stat, PAPER.get(key(row, col)))
+                     for col, _ in columns]
             lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += notes(args) + ["## Missing or failed runs", ""] + ([f"- {p}" for p in problems] or ["none"])
+    lines += notes(args)
+    lines += ["## Missing or failed runs", ""]
+    lines += [f"- {problem}" for problem in problems] or ["none"]
     return "\n".join(lines) + "\n"
 
 
@@ -368,13 +438,21 @@ def bar_chart(args, results: dict, path: str) -> None:
     """One panel per data set. Tables 1-3: the methods' bars grouped by network; Table 4 and Fig. 6:
     the networks' bars grouped by setting (Fig. 6's wheat and salmon). Black marks: the paper."""
     if args.figure == "bars":
-        groups, series = [(a, a) for a in args.archs], [(m, METHODS[m].label) for m in args.methods]
-        colours, key = [f"C{k}" for k in range(10)], lambda d, g, s: (d, g, s, "")
+        groups = [(a, a) for a in args.archs]
+        series = [(m, METHODS[m].label) for m in args.methods]
+        colours = [f"C{k}" for k in range(10)]
+
+        def key(dataset, group, one_series):
+            return dataset, group, one_series, ""
     else:
         groups = [(tag, label) for tag, label, _ in args.settings]
-        series = [((a, m), a + (f" {METHODS[m].label}" if len(args.methods) > 1 else ""))
-                  for a, m in itertools.product(args.archs, args.methods)]
-        colours, key = ["wheat", "salmon"] + [f"C{k}" for k in range(10)], lambda d, g, s: (d, *s, g)
+        series = []
+        for a, m in itertools.product(args.archs, args.methods):
+            series.append(((a, m), a + (f" {METHODS[m].label}" if len(args.methods) > 1 else "")))
+        colours = ["wheat", "salmon"] + [f"C{k}" for k in range(10)]
+
+        def key(dataset, group, one_series):
+            return dataset, *one_series, group
     width = 0.8 / len(series)
     with panels(path, len(args.dataset), 2.0 + 0.5 * len(groups) * len(series)) as axes:
         for ax, dataset in zip(axes, args.dataset):
@@ -382,10 +460,12 @@ def bar_chart(args, results: dict, path: str) -> None:
                 xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
                 runs = [results.get(key(dataset, g, s), {"final": []})["final"] for g, _ in groups]
                 stats = [mean_std(finals) if finals else (math.nan, None) for finals in runs]
-                ax.bar(xs, [m for m, _ in stats], width, yerr=[sd or math.nan for _, sd in stats], capsize=2,
-                       label=label, color=colours[k % len(colours)], edgecolor="grey")
-                ax.plot(xs, [PAPER.get(key(dataset, g, s), (math.nan,))[0] for g, _ in groups], "k_",
-                        markersize=10, markeredgewidth=2)
+                means = [mean for mean, _ in stats]
+                stds = [std or math.nan for _, std in stats]
+                ax.bar(xs, means, width, yerr=stds, capsize=2, label=label,
+                       color=colours[k % len(colours)], edgecolor="grey")
+                paper = [PAPER.get(key(dataset, g, s), (math.nan,))[0] for g, _ in groups]
+                ax.plot(xs, paper, "k_", markersize=10, markeredgewidth=2)
             finals = [v for (g, _), (s, _) in itertools.product(groups, series)
                       for v in results.get(key(dataset, g, s), {"final": []})["final"]]
             if finals:  # the bars' tops, not their feet: accuracies differ by tenths of a point
@@ -399,9 +479,12 @@ def bar_chart(args, results: dict, path: str) -> None:
 
 def deployed_curve(out_dir: str) -> dict[int, float]:
     """Epoch -> the deployed model's test accuracy, from a finished run's metrics.csv."""
+    curve = {}
     with open(os.path.join(out_dir, "metrics.csv")) as f:
-        return {int(r["epoch"]): float(r["acc_deployed_mean"]) for r in csv.DictReader(f)
-                if r.get("acc_deployed_mean")}
+        for row in csv.DictReader(f):
+            if row.get("acc_deployed_mean"):  # empty on the epochs that were not evaluated
+                curve[int(row["epoch"])] = float(row["acc_deployed_mean"])
+    return curve
 
 
 def curve_chart(args, runs: list[Run], path: str) -> None:
@@ -415,7 +498,8 @@ def curve_chart(args, runs: list[Run], path: str) -> None:
                           if r.key() == (*panel, tag) and finished(args, r)]
                 epochs = sorted(set().union(*curves))
                 means = [statistics.fmean(c[e] for c in curves if e in c) for e in epochs]
-                ax.plot(epochs, means, ("-", "--", ":")[i % 3], marker="o", label=label)  # overlaps show
+                style = ("-", "--", ":")[i % 3]  # overlapping lines stay visible
+                ax.plot(epochs, means, style, marker="o", label=label)
             ax.set(title=" ".join(panel), xlabel="epoch")
             ax.legend(fontsize=8)
         axes[0].set_ylabel(f"test top-1 % of the deployed model\n(mean over seeds {args.seeds})")

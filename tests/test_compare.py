@@ -37,6 +37,49 @@ def test_paper_numbers_transcribed_from_spec():
     assert len(paper) == 80 + 14 + 2 + 4 + 4
 
 
+def test_paper_results_csv_reads_like_the_papers_tables():
+    tables = compare.paper_tables()
+    assert {name: len(rows) for name, rows in tables.items()} == {
+        "table1": 10, "table2": 2, "table3": 2, "table4": 4, "fig6": 2}
+    cells = {(name, row["dataset"], row["network"]): row for name, rows in tables.items() for row in rows}
+    assert list(cells["table1", "cifar10", "vgg16"])[3:] == [  # the paper's column order
+        "dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dkel"]
+    assert list(cells["table2", "tinyimagenet", "resnet18"])[3:] == [  # Table 2's row order
+        "baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel"]
+    # Typed by hand from the paper's Tables 1-4 and Fig. 6's text.
+    assert cells["table1", "cifar100", "resnet32"]["dkel"] == "74.83±0.12"
+    assert cells["table1", "cifar10", "wrn20_8"]["baseline"] == "94.68±0.01"
+    assert cells["table1", "cifar10", "densenet40_12"]["okddip"] == "92.64±0.22"
+    assert cells["table1", "cifar100", "resnet110"]["cl"] == "78.83±0.58"
+    assert cells["table2", "tinyimagenet", "resnet34"]["kd"] == "53.70±0.06"
+    assert cells["table2", "tinyimagenet", "resnet18"]["pcl"] == "64.23±0.08"
+    assert cells["table3", "cifar100", "resnet32"]["dk"] == "74.67"
+    assert cells["table3", "cifar10", "resnet32"]["de"] == "94.35"
+    assert cells["table4", "cifar100", "densenet40_12"]["row1"] == "73.36"
+    assert cells["table4", "cifar10", "vgg16"]["row2"] == "94.25"
+    assert cells["fig6", "cifar10", "resnet32"]["k10"] == "94.63"
+    assert cells["fig6", "cifar100", "resnet32"]["k10"] == ""  # the text quotes no number
+    assert compare.paper_cell("74.83±0.12") == (74.83, 0.12)
+    assert compare.paper_cell("74.67") == (74.67, None)
+
+
+def test_paper_tables_agree_where_they_repeat_a_run():
+    """Table 3's PCL and both-terms rows, Table 4's row 4 (beta 0.5) and Fig. 6's k = 1 are the runs
+    of Table 1's PCL and DKEL columns, printed without their std."""
+    tables = compare.paper_tables()
+    table1 = {(row["dataset"], row["network"]): row for row in tables["table1"]}
+
+    def table1_mean(row, method):
+        return table1[row["dataset"], row["network"]][method].split("±")[0]
+
+    for row in tables["table3"]:
+        assert (row["pcl"], row["dkel"]) == (table1_mean(row, "pcl"), table1_mean(row, "dkel"))
+    for row in tables["table4"]:
+        assert row["row4"] == table1_mean(row, "dkel")
+    for row in tables["fig6"]:
+        assert row["k1"] == table1_mean(row, "dkel")
+
+
 def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "pcl", "dkel", "--seeds", "0", "1",
             "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
@@ -125,7 +168,7 @@ def test_each_experiment_reads_its_runs_back(tmp_path, experiment):
 
 def test_table3_and_table4_say_what_the_paper_has_that_we_do_not(tmp_path):
     assert compare.main(["--experiment", "table3", "--runs-dir", str(tmp_path), "--read-only"]) == 1
-    assert "94.35 (CIFAR-10) / 74.64 (CIFAR-100)" in (tmp_path / "table3_cifar10_cifar100.md").read_text()
+    assert "94.35 (cifar10) / 74.64 (cifar100)" in (tmp_path / "table3_cifar10_cifar100.md").read_text()
     assert compare.main(["--experiment", "table4", "--runs-dir", str(tmp_path), "--read-only"]) == 1
     table = (tmp_path / "table4_cifar10_cifar100.md").read_text()
     printed = ["94.62 76.87 93.95 73.36", "94.25 76.73 93.97 73.21", "94.59 76.74 93.85 72.82",
