@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbones import ARCHS, global_pool
 from losses import (cross_entropy_per_peer, kd_loss, leave_one_out_kd, peer_ensemble_kd,
                     teacher_ensemble_without_self)
-from models import ARCHS, MultiPeerNet, global_pool
+from models import MultiPeerNet, multi_peer_net
 from rundir import load_teacher
 
 
@@ -279,7 +280,7 @@ class Baseline(PeerMethod):
     min_peers = 1             # one network whatever --num-peers says
 
     def __init__(self, arch: str, num_classes: int, device: torch.device, compile: bool = False):
-        super().__init__(MultiPeerNet(arch, num_classes, 1, ensemble_head=False), device, compile)
+        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device, compile)
 
     def outputs(self, images: torch.Tensor) -> Outputs:
         return Outputs(self.net(images).logits, None)
@@ -295,7 +296,7 @@ class DML(PeerMethod):
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
                  temperature: float, kd_weight: float, compile: bool = False):
-        super().__init__(MultiPeerNet(arch, num_classes, num_peers, ensemble_head=False, shared_trunk=False),
+        super().__init__(multi_peer_net(arch, num_classes, num_peers, ensemble_head=False, shared_trunk=False),
                          device, compile)
         self.temperature, self.kd_weight = temperature, kd_weight
 
@@ -329,7 +330,7 @@ class SharedTrunkMethod(PeerMethod):
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
                  temperature: float, kd_weight: float, compile: bool = False):
-        net = MultiPeerNet(arch, num_classes, num_peers, ensemble_head=False)
+        net = multi_peer_net(arch, num_classes, num_peers, ensemble_head=False)
         super().__init__(net, device, compile, **self.make_pieces(arch, num_peers))
         self.temperature, self.kd_weight = temperature, kd_weight
 
@@ -409,7 +410,7 @@ class KD(PeerMethod):
     def __init__(self, arch: str, num_classes: int, image_size: int, device: torch.device, *,
                  teacher_run: str | None, temperature: float, kd_weight: float, compile: bool = False):
         teacher = load_teacher(teacher_run, num_classes, image_size)  # refused before anything is built
-        super().__init__(MultiPeerNet(arch, num_classes, 1, ensemble_head=False), device, compile)
+        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device, compile)
         self.teacher = teacher.to(device, memory_format=torch.channels_last)
         self.temperature, self.kd_weight = temperature, kd_weight
 

@@ -27,7 +27,7 @@ import data
 import train
 from bench_data import ReferenceViews, now
 from losses import distillation_objective
-from models import MultiPeerNet, ViewBatchNorm2d
+from models import ViewBatchNorm2d, multi_peer_net
 
 WEIGHTS = {"rampup": 0.5, "w": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
 
@@ -55,7 +55,7 @@ def time_ours(args, dataset, device, precision: str, per_view_bn: bool = True) -
 
 def time_reference(args, dataset, loader, device) -> float:
     """Seconds per step of the straightforward fp32 loop (after 2 warm-up steps)."""
-    student = MultiPeerNet(args.arch, dataset.num_classes, 3).to(device)
+    student = multi_peer_net(args.arch, dataset.num_classes, 3).to(device)
     teacher = copy.deepcopy(student)
     teacher.ensemble_head = None
     teacher.requires_grad_(False)

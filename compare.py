@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 import rundir
 import train
+from backbones import ARCHS
 from data import DATASETS
 from losses import DECAYS
-from models import ARCHS
 from rundir import pyplot
 from train import METHODS
 

@@ -22,7 +22,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from models import ARCHS, build_deployable
+from backbones import ARCHS
+from models import build_deployable
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 EXIT_BAD_INPUT = 2       # a bad flag, size, path, data set or run directory: nothing was trained

@@ -22,12 +22,13 @@ import time
 import torch
 from tqdm import tqdm
 
+from backbones import ARCHS
 import baselines
 import data as datasets
 import distributed
 from ema import IndependentTeacher, PeerMeanTeacher, ema_lag_warning, initialise_teacher
 from losses import DECAYS, decay_weight, distillation_objective, rampup
-from models import ARCHS, MultiPeerNet
+from models import multi_peer_net
 import rundir
 from rundir import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, RunStopped, config_of,
                     restore_checkpoint, save_checkpoint, summary_table, write_json, write_metrics,
@@ -52,7 +53,7 @@ class OnlineDistillation:
                  temperature: float, kd_weight: float, ema_decay: float, authors_ema_warmup: bool = False,
                  compile: bool = False):
         self.temperature, self.kd_weight = temperature, kd_weight
-        self.student = MultiPeerNet(arch, num_classes, num_peers).to(device)
+        self.student = multi_peer_net(arch, num_classes, num_peers).to(device)
         self.teacher = self.make_teacher(ema_decay, authors_ema_warmup, compile)
         # NHWC convolutions: the tensor cores' layout on CUDA, and about 1.3x faster than NCHW for
         # resnet32 on this project's 2-core CPU as well (oneDNN).
