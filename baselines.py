@@ -296,8 +296,8 @@ class DML(PeerMethod):
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
                  temperature: float, kd_weight: float, compile: bool = False):
-        super().__init__(multi_peer_net(arch, num_classes, num_peers, ensemble_head=False, shared_trunk=False),
-                         device, compile)
+        net = multi_peer_net(arch, num_classes, num_peers, ensemble_head=False, shared_trunk=False)
+        super().__init__(net, device, compile)
         self.temperature, self.kd_weight = temperature, kd_weight
 
     def outputs(self, images: torch.Tensor) -> Outputs:
