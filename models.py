@@ -39,15 +39,16 @@ class MultiPeerNet(nn.Module):
 
     `trunk` maps images (N, 3, H, W) to features; `branch()` returns a fresh branch body that
     maps those features to the pooled feature f_i (B, `feature_dim`). It is called once per peer,
-    so the peers start from different random weights (the authors' code deep-copies one branch
-    M times). `classifier(feature_dim, num_classes)` builds the classifier on f_i of each peer.
+    so every peer owns its branch; `multi_peer_net`'s branches are built fresh, so its peers start
+    from different random weights (the authors' code deep-copies one branch M times).
+    `classifier(feature_dim, num_classes)` builds the classifier on f_i of each peer.
 
     `trunk=None` gives M independent networks: no shared trunk, and every `branch()` is a whole
     network, given as nn.Sequential(trunk, body) so that `deployable` cuts it where a shared
     trunk would end.
 
     `per_view_bn=True` (the default, SPEC.md Sec. 8) makes every BatchNorm2d of the shared trunk
-    a ViewBatchNorm2d, so that a stacked pass of M views has the BatchNorm statistics of M
+    a ViewBatchNorm2d (in place), so that a stacked pass of M views has the BatchNorm statistics of M
     separate passes (see `run_trunk`). The peers see one view each and keep plain BatchNorm;
     without a shared trunk there is nothing to change. Parameters and state-dict keys are the
     same either way.
