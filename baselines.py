@@ -30,10 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbones import ARCHS, global_pool
 from losses import (cross_entropy_per_peer, kd_loss, leave_one_out_kd, peer_ensemble_kd,
                     teacher_ensemble_without_self)
 from methods import Method, MethodError
-from models import ARCHS, MultiPeerNet, build_deployable, global_pool
+from models import MultiPeerNet, build_deployable, multi_peer_net
 
 
 def _named(total: torch.Tensor, **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -263,7 +264,7 @@ class Baseline(PeerMethod):
     min_peers = 1             # one network whatever --num-peers says
 
     def __init__(self, arch: str, num_classes: int, device: torch.device, compile: bool = False):
-        super().__init__(MultiPeerNet(arch, num_classes, 1, ensemble_head=False), device, compile)
+        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device, compile)
 
     def outputs(self, images: torch.Tensor) -> Outputs:
         return Outputs(self.net(images).logits, None)
@@ -279,8 +280,8 @@ class DML(PeerMethod):
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
                  temperature: float, kd_weight: float, compile: bool = False):
-        super().__init__(MultiPeerNet(arch, num_classes, num_peers, ensemble_head=False, shared_trunk=False),
-                         device, compile)
+        net = multi_peer_net(arch, num_classes, num_peers, ensemble_head=False, shared_trunk=False)
+        super().__init__(net, device, compile)
         self.temperature, self.kd_weight = temperature, kd_weight
 
     def outputs(self, images: torch.Tensor) -> Outputs:
@@ -313,7 +314,7 @@ class SharedTrunkMethod(PeerMethod):
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
                  temperature: float, kd_weight: float, compile: bool = False):
-        net = MultiPeerNet(arch, num_classes, num_peers, ensemble_head=False)
+        net = multi_peer_net(arch, num_classes, num_peers, ensemble_head=False)
         super().__init__(net, device, compile, **self.make_pieces(arch, num_peers))
         self.temperature, self.kd_weight = temperature, kd_weight
 
@@ -392,7 +393,7 @@ class KD(PeerMethod):
 
     def __init__(self, arch: str, num_classes: int, teacher: nn.Module, device: torch.device, *,
                  temperature: float, kd_weight: float, compile: bool = False):
-        super().__init__(MultiPeerNet(arch, num_classes, 1, ensemble_head=False), device, compile)
+        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device, compile)
         self.teacher = teacher.to(device, memory_format=torch.channels_last)
         self.temperature, self.kd_weight = temperature, kd_weight
 

@@ -11,8 +11,8 @@ import torch
 import baselines
 import data as datasets
 import methods
+from backbones import ARCHS
 from losses import DECAYS
-from models import ARCHS
 
 PAPER_EPOCHS = {"tinyimagenet": 100}               # Sec. 4.2; every other data set: 300
 PAPER_MILESTONES = {"tinyimagenet": (0.3, 0.6)}    # Sec. 4.2; every other data set: 50% and 75%

@@ -23,10 +23,10 @@ from typing import NamedTuple
 
 import report
 import train
+from backbones import ARCHS
 from cli import METHODS
 from data import DATASETS
 from losses import DECAYS
-from models import ARCHS
 from report import pyplot
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")

@@ -14,7 +14,7 @@ from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl
                        load_teacher, min_logit_target, offline_kd_loss, okddip_loss, one_loss,
                        scale_gradient)
 from conftest import fake_finished_run
-from models import MultiPeerNet, build_deployable
+from models import build_deployable, multi_peer_net
 
 T = 3.0
 
@@ -193,7 +193,7 @@ def test_scale_gradient_identity_forward_one_mth_backward():
 
 def test_shared_feature_gradient_is_one_mth_of_unscaled():
     torch.manual_seed(0)
-    net = MultiPeerNet("resnet8", 5, 3, ensemble_head=False).eval()
+    net = multi_peer_net("resnet8", 5, 3, ensemble_head=False).eval()
     feature = net.run_trunk(torch.randn(2, 3, 32, 32)).detach().requires_grad_(True)  # (1, B, ...)
     weight = torch.randn(3, 2, 5)
     scaled_logits = net.run_peers(scale_gradient(feature, 1.0 / 3))[0]

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from ema import EMATeacher, IndependentTeacher, PeerMeanTeacher, initialise_teacher
-from models import MultiPeerNet
+from models import multi_peer_net
 
 
 def _pair(dtype=torch.float64):
     torch.manual_seed(0)
-    student = MultiPeerNet("resnet8", 10, 3).to(dtype)
-    teacher = MultiPeerNet("resnet8", 10, 3).to(dtype)  # different random weights
+    student = multi_peer_net("resnet8", 10, 3).to(dtype)
+    teacher = multi_peer_net("resnet8", 10, 3).to(dtype)  # different random weights
     return student, teacher
 
 
@@ -72,7 +72,7 @@ def test_peer_mean_teacher_covers_the_branches_only():
 
 def test_initialisation_changes_teacher_and_leaves_student():
     torch.manual_seed(1)
-    student = MultiPeerNet("resnet8", 10, 3)
+    student = multi_peer_net("resnet8", 10, 3)
     student_before = copy.deepcopy(student.state_dict())
     ema = IndependentTeacher(student, 0.999)
     teacher_before = [p.clone() for p in ema.network.parameters()]
@@ -88,7 +88,7 @@ def test_initialisation_changes_teacher_and_leaves_student():
 def test_plain_sgd_step_by_hand():
     # One iteration at lr 0.01 of plain SGD: theta' = theta - 0.01 * grad (no momentum, no decay).
     torch.manual_seed(2)
-    teacher = MultiPeerNet("resnet8", 10, 3, ensemble_head=False).eval()
+    teacher = multi_peer_net("resnet8", 10, 3, ensemble_head=False).eval()
     views, labels = torch.randn(3, 4, 3, 32, 32), torch.randint(0, 10, (4,))
     reference = copy.deepcopy(teacher).train()
     loss = sum(torch.nn.functional.cross_entropy(reference(views).logits[i], labels) for i in range(3)) / 3
@@ -100,6 +100,6 @@ def test_plain_sgd_step_by_hand():
 
 
 def test_mismatched_teacher_rejected():
-    student = MultiPeerNet("resnet8", 10, 2)
+    student = multi_peer_net("resnet8", 10, 2)
     with pytest.raises(ValueError, match="without a student counterpart"):
-        EMATeacher(MultiPeerNet("resnet8", 10, 3), student, 0.9)
+        EMATeacher(multi_peer_net("resnet8", 10, 3), student, 0.9)

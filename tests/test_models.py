@@ -1,46 +1,25 @@
 """Multi-peer networks (SPEC.md Sec. 5): shapes, parameter counts, stacked trunk, deployable model,
-per-view BatchNorm of the stacked trunk (SPEC.md Sec. 8)."""
+a network of one's own wrapped, per-view BatchNorm of the stacked trunk (SPEC.md Sec. 8)."""
+import copy
 import io
 
 import pytest
 import torch
 import torchvision
+from torch import nn
 
-from models import ARCHS, MultiPeerNet, ViewBatchNorm2d, build_deployable, count_parameters
-
-# resnet32 for 100 classes, counted by hand (convs have no bias; a BatchNorm has 2 per channel):
-# stem 432 + 32; stage 1 (16->16, 5 blocks) 5 * (2 * 2304 + 64) = 23360;
-# stage 2 (16->32) 4608 + 9216 + 128 + 512 + 64 + 4 * (2 * 9216 + 128) = 88768;
-# stage 3 (32->64) 18432 + 36864 + 256 + 2048 + 128 + 4 * (2 * 36864 + 256) = 353664; fc 6500.
-RESNET32_TRUNK = 432 + 32 + 23360 + 88768
-RESNET32_BRANCH = 353664 + 6500
-
-
-def test_resnet32_parameter_counts_by_hand():
-    single = MultiPeerNet("resnet32", 100, 1, ensemble_head=False)
-    assert count_parameters(single) == RESNET32_TRUNK + RESNET32_BRANCH
-    three = MultiPeerNet("resnet32", 100, 3)
-    head = 3 * 64 * 100 + 100
-    assert count_parameters(three) == RESNET32_TRUNK + 3 * RESNET32_BRANCH + head
-    assert round((RESNET32_TRUNK + RESNET32_BRANCH) / 1e6, 3) == 0.473
-    assert round((RESNET32_TRUNK + 3 * RESNET32_BRANCH) / 1e6, 2) == 1.19
-
-
-@pytest.mark.parametrize("arch,reference", [("resnet18", torchvision.models.resnet18),
-                                            ("resnet34", torchvision.models.resnet34)])
-def test_tiny_resnets_match_torchvision_counts(arch, reference):
-    single = MultiPeerNet(arch, 200, 1, ensemble_head=False)
-    assert count_parameters(single) == count_parameters(reference(num_classes=200))
-
+from backbones import ARCHS
+from models import (MultiPeerNet, ViewBatchNorm2d, build_deployable, count_parameters,
+                    multi_peer_net)
 
 def test_independent_networks_are_m_plain_networks():
-    single = count_parameters(MultiPeerNet("resnet20", 10, 1, ensemble_head=False))
-    independent = MultiPeerNet("resnet20", 10, 3, ensemble_head=False, shared_trunk=False)
+    single = count_parameters(multi_peer_net("resnet20", 10, 1, ensemble_head=False))
+    independent = multi_peer_net("resnet20", 10, 3, ensemble_head=False, shared_trunk=False)
     assert count_parameters(independent) == 3 * single
 
 
 def test_branches_are_built_fresh():
-    net = MultiPeerNet("densenet40_12", 10, 3)
+    net = multi_peer_net("densenet40_12", 10, 3)
     w = [next(q for q in p.parameters() if q.dim() == 4) for p in net.peers]  # first conv
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
     assert w[0].data_ptr() != w[1].data_ptr()  # DenseNet branches each own their block 3
@@ -50,7 +29,7 @@ def test_branches_are_built_fresh():
 def test_shapes_stacked_trunk_and_deployable(arch):
     torch.manual_seed(0)
     size = ARCHS[arch]().input_size
-    net = MultiPeerNet(arch, 7, 3).eval()
+    net = multi_peer_net(arch, 7, 3).eval()
     views = torch.randn(3, 2, 3, size, size)                  # (M, B, 3, H, W)
     with torch.no_grad():
         out = net(views)
@@ -63,11 +42,11 @@ def test_shapes_stacked_trunk_and_deployable(arch):
         # The deployable cut-down == branch i inside the full network.
         deployed = net.deployable(1).eval()
         assert torch.allclose(deployed(views[1]), out.logits[1], atol=1e-4, rtol=1e-4)
-    assert count_parameters(deployed) == count_parameters(MultiPeerNet(arch, 7, 1, ensemble_head=False))
+    assert count_parameters(deployed) == count_parameters(multi_peer_net(arch, 7, 1, ensemble_head=False))
 
 
 def test_deployable_state_dict_round_trip():
-    net = MultiPeerNet("resnet8", 10, 3).eval()
+    net = multi_peer_net("resnet8", 10, 3).eval()
     buffer = io.BytesIO()
     torch.save(net.deployable(2).state_dict(), buffer)
     buffer.seek(0)
@@ -79,7 +58,7 @@ def test_deployable_state_dict_round_trip():
 
 
 def test_ensemble_head_stacks_features_peer_after_peer():
-    net = MultiPeerNet("resnet8", 5, 3).eval()
+    net = multi_peer_net("resnet8", 5, 3).eval()
     with torch.no_grad():
         out = net(torch.randn(3, 2, 3, 32, 32))
         by_hand = torch.cat([out.feats[0], out.feats[1], out.feats[2]], 1) @ net.ensemble_head.weight.T
@@ -88,8 +67,35 @@ def test_ensemble_head_stacks_features_peer_after_peer():
 
 def test_unknown_arch_rejected():
     with pytest.raises(ValueError, match="unknown architecture"):
-        MultiPeerNet("resnet1000", 10)
+        multi_peer_net("resnet1000", 10)
 
+
+
+def test_wraps_a_network_of_ones_own():
+    # torchvision's resnet18 cut before its last stage: each branch a fresh copy of layer4 + pooling.
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                          resnet.layer1, resnet.layer2, resnet.layer3)
+
+    def branch() -> nn.Module:
+        return nn.Sequential(copy.deepcopy(resnet.layer4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    net = MultiPeerNet(trunk, branch, feature_dim=512, num_classes=10).eval()
+    views = torch.randn(3, 4, 3, 32, 32)                      # (M, B, 3, H, W)
+    images = torch.randn(4, 3, 32, 32)                        # (B, 3, H, W)
+    with torch.no_grad():
+        out = net(views)
+        assert out.logits.shape == (3, 4, 10) and out.ensemble.shape == (4, 10)
+        deployed = net.deployable(0).eval()(images)           # (B, C)
+        # By hand, with torchvision's own modules: stem, stages 1-3, layer4, mean pool, peer 0's fc.
+        stem = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(images))))
+        feat = resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(stem)))).mean((2, 3))  # (B, 512)
+        fc = net.peers[0].classifier
+        expected = feat @ fc.weight.T + fc.bias                # (B, C)
+        other_peer = net.peers[1].classifier(feat)
+    assert torch.allclose(deployed, expected, atol=1e-5)
+    assert not torch.allclose(deployed, other_peer, atol=1e-2)  # peer 0's classifier, not another's
 
 # ------------------------------------------------------------------ per-view BatchNorm (SPEC.md Sec. 8)
 # The reference is what the authors' code does: the trunk run once per view, with torch's own
@@ -98,7 +104,7 @@ def per_view_and_reference(arch: str, channels_last: bool = False) -> tuple[Mult
     """A per-view network with random BatchNorm affine parameters and running statistics (so that
     eval mode and the momentum updates have something to get wrong) and a plain-BN copy."""
     torch.manual_seed(0)
-    net = MultiPeerNet(arch, 10, 3)
+    net = multi_peer_net(arch, 10, 3)
     with torch.no_grad():
         for bn in net.trunk.modules():
             if isinstance(bn, torch.nn.BatchNorm2d):
@@ -106,7 +112,7 @@ def per_view_and_reference(arch: str, channels_last: bool = False) -> tuple[Mult
                 bn.bias.normal_()
                 bn.running_mean.normal_()
                 bn.running_var.uniform_(0.5, 2.0)
-    reference = MultiPeerNet(arch, 10, 3, per_view_bn=False)
+    reference = multi_peer_net(arch, 10, 3, per_view_bn=False)
     reference.load_state_dict(net.state_dict())
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -213,7 +219,7 @@ def test_per_view_option_keeps_state_dict_and_deployable():
     trunk_bns = [type(m) for m in net.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert trunk_bns == [ViewBatchNorm2d] * 6
     assert not any(isinstance(m, ViewBatchNorm2d) for m in net.peers.modules())
-    independent = MultiPeerNet("resnet8", 10, 3, shared_trunk=False)
+    independent = multi_peer_net("resnet8", 10, 3, shared_trunk=False)
     assert not any(isinstance(m, ViewBatchNorm2d) for m in independent.modules())
     net(distinct_views())  # a stacked train-mode pass, then the deployed copy on single images
     deployed, expected = net.deployable(0), reference.deployable(0)
