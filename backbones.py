@@ -1,4 +1,4 @@
-"""The architectures of the paper's experiments (Sec. 4.2, SPEC.md Sec. 5) and where each one
+"""The architectures of the paper's experiments (Sec. 4.2, docs/spec.md Sec. 5) and where each one
 splits into the shared trunk and a peer branch of the multi-peer network (models.py).
 
 The paper takes its networks from the authors' public code (Chen et al. [3]): CIFAR ResNets

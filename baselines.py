@@ -1,4 +1,4 @@
-"""The methods DKEL is compared with in Tables 1 and 2 (paper Sec. 4.3; SPEC.md Sec. 6), whole:
+"""The methods DKEL is compared with in Tables 1 and 2 (paper Sec. 4.3; docs/spec.md Sec. 6), whole:
 their networks and small pieces (ONE's gate, CL's gradient scaling, OKDDip's peer attention),
 their objectives, and how a training step and an evaluation use them.
 
@@ -18,8 +18,8 @@ interface the training loop calls: no initialisation and nothing after a step; `
 for KDCL alone, which gives every network its own augmented view.
 
 Logits (M, B, C): the M networks or branches; labels (B,). Every distillation target is detached
-except OKDDip's attention target t_a, through which alone W_Q and W_K learn (SPEC.md). Every
-distillation term is scaled by lambda * r(ep) (PCL's weight and ramp-up, SPEC.md Sec. 6), except
+except OKDDip's attention target t_a, through which alone W_Q and W_K learn (docs/spec.md). Every
+distillation term is scaled by lambda * r(ep) (PCL's weight and ramp-up, docs/spec.md Sec. 6), except
 DML's, which has no ramp-up.
 """
 import json
@@ -54,9 +54,9 @@ def dml_loss(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float, 
 
     NOTE(paper): DML updates the networks one after the other, each against the others' fresh
     predictions; here all M are updated in one step against the same step's (detached)
-    predictions, the usual joint reading. SPEC.md: T = `temperature` with the T^2 of Eq. (1)
+    predictions, the usual joint reading. docs/spec.md: T = `temperature` with the T^2 of Eq. (1)
     (DML itself uses T = 1), and no ramp-up. NOTE(paper): lambda (`kd_weight`) scales DML's KD
-    term as it scales every other method's; SPEC.md writes DML's loss without it (lambda = 1).
+    term as it scales every other method's (docs/spec.md Sec. 6; DML itself has no lambda).
     """
     ce = cross_entropy_per_peer(logits, labels).sum()
     # L_kd(z_l, z_k) for every ordered pair l != k, the target z_l detached.
@@ -69,7 +69,7 @@ def offline_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
                     temperature: float, kd_weight: float, rampup: float):
     """Offline KD: the one network's logits (1, B, C) learn from the labels and from the frozen
     teacher's logits t (B, C), detached: the teacher is never trained.
-    NOTE(paper): lambda r(ep) scales the KD term as it scales every compared method's (SPEC.md)."""
+    NOTE(paper): lambda r(ep) scales the KD term as it scales every compared method's (docs/spec.md)."""
     ce = cross_entropy_per_peer(logits, labels).sum()
     kd = kd_loss(teacher_logits.detach()[None], logits, temperature).sum()
     # KD: L = L_ce(s, y) + lambda r(ep) L_kd(t, s), L_kd of Eq. (1) at temperature T
@@ -99,7 +99,7 @@ def kdcl_loss(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
 def one_loss(logits: torch.Tensor, ensemble_logits: torch.Tensor, labels: torch.Tensor, *,
              temperature: float, kd_weight: float, rampup: float):
     """ONE: the branches learn from the labels and from the gated ensemble z_e (B, C). z_e is
-    detached as a target (SPEC.md), so the gate learns from L_ce(z_e, y) alone. L_kd(z_e, z_i)
+    detached as a target (docs/spec.md), so the gate learns from L_ce(z_e, y) alone. L_kd(z_e, z_i)
     is PCL's L_pe, hence the part names."""
     ce = cross_entropy_per_peer(logits, labels).sum()
     ce_ensemble = F.cross_entropy(ensemble_logits.float(), labels)
@@ -112,7 +112,7 @@ def cl_loss(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float, k
             rampup: float):
     """CL-ILR: every head h learns from the labels and from the mean of the other heads' logits.
 
-    NOTE(paper): CL weights its two terms beta and 1 - beta (beta = 0.5); SPEC.md gives every
+    NOTE(paper): CL weights its two terms beta and 1 - beta (beta = 0.5); docs/spec.md gives every
     compared method the same lambda r(ep) on the distillation term instead.
     """
     ce = cross_entropy_per_peer(logits, labels).sum()
@@ -134,8 +134,8 @@ def okddip_loss(peer_logits: torch.Tensor, leader_logits: torch.Tensor, attentio
     """OKDDip: A = M-1 auxiliary peers z_a (A, B, C) learn from their attention targets t_a, the
     group leader z_L (B, C) from the auxiliary peers' mean; alpha (B, A, A).
 
-    t_a is NOT detached (SPEC.md, as in the authors' code): W_Q and W_K learn only through it.
-    NOTE(paper): the leader's target mean_a z_a is detached (SPEC.md: every other target is).
+    t_a is NOT detached (docs/spec.md, as in the authors' code): W_Q and W_K learn only through it.
+    NOTE(paper): the leader's target mean_a z_a is detached (docs/spec.md: every other target is).
     """
     ce = cross_entropy_per_peer(peer_logits, labels).sum()
     ce_leader = F.cross_entropy(leader_logits.float(), labels)
@@ -323,7 +323,7 @@ class SharedTrunkMethod(PeerMethod):
         return {}
 
     def distill_scale(self, weights: dict[str, float]) -> dict[str, float]:
-        """Keyword arguments of a distillation term: T, lambda and r(ep) (SPEC.md Sec. 6)."""
+        """Keyword arguments of a distillation term: T, lambda and r(ep) (docs/spec.md Sec. 6)."""
         return {"temperature": self.temperature, "kd_weight": self.kd_weight, "rampup": weights["rampup"]}
 
 
@@ -347,7 +347,7 @@ class ONE(SharedTrunkMethod):
 
 class CL(SharedTrunkMethod):
     """CL-ILR: the trunk's gradient scaled by 1/M.
-    NOTE(paper): as in CL, the heads share one input image (one view), SPEC.md Sec. 6."""
+    NOTE(paper): as in CL, the heads share one input image (one view), docs/spec.md Sec. 6."""
     label = "CL"
 
     def outputs(self, images: torch.Tensor) -> Outputs:

@@ -1,4 +1,4 @@
-"""Benchmark of the M-view augmentation (SPEC.md Sec. 3): augmented images per second.
+"""Benchmark of the M-view augmentation (docs/spec.md Sec. 3): augmented images per second.
 
 Compares, on the same synthetic CIFAR-shaped data in one run, our loader (the whole set as a
 uint8 tensor on the device, one vectorised gather per batch; data.train_batches) with the

@@ -32,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--dataset", default="cifar10", choices=datasets.DATASETS,
       help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
-    a("--arch", default="resnet32", help=f"architecture (paper Sec. 4.2, SPEC.md Sec. 5): {', '.join(ARCHS)}")
+    a("--arch", default="resnet32", help=f"architecture (paper Sec. 4.2, docs/spec.md Sec. 5): {', '.join(ARCHS)}")
     a("--method", default="dkel", choices=list(METHODS),
       help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); kd = offline KD (Table 2); "
-           "the others: Table 1 (SPEC.md Sec. 6)")
+           "the others: Table 1 (docs/spec.md Sec. 6)")
     a("--teacher-run", help="kd: finished run whose deployable.pt is the frozen teacher (Table 2, Sec. 4.3)")
     a("--decay", default="exp", choices=DECAYS,
       help="w(ep) in Eq. (12): exp = Eq. (11) (paper), cos = Eq. (13), linear = Eq. (14)")
@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="beta of Eq. (11), per epoch, never scaled (paper: 0.5, Sec. 4.2)")
     a("--num-peers", type=int, default=3,
       help="number of peers, branches or networks m (paper: 3, Sec. 4.3); baseline ignores it")
-    a("--temperature", type=float, default=3.0, help="distillation temperature T of Eq. (1) (SPEC.md: 3)")
-    a("--ema-decay", type=float, default=0.999, help="EMA decay alpha of Eq. (5) (SPEC.md: 0.999)")
-    a("--kd-weight", type=float, default=1.0, help="lambda of Eq. (2)/(12), from PCL (SPEC.md: 1.0)")
+    a("--temperature", type=float, default=3.0, help="distillation temperature T of Eq. (1) (docs/spec.md Sec. 3: 3)")
+    a("--ema-decay", type=float, default=0.999, help="EMA decay alpha of Eq. (5) (docs/spec.md Sec. 3: 0.999)")
+    a("--kd-weight", type=float, default=1.0, help="lambda of Eq. (2)/(12), from PCL (docs/spec.md Sec. 3: 1.0)")
     a("--rampup-epochs", type=int, default=None,
       help="ramp-up length R of r(ep); 0 disables (PCL: 80 of 300 epochs; default scales with --epochs)")
     a("--init-iters", type=int, default=1,
@@ -80,20 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="hold this many training images out (stratified, fixed by --seed) to choose the deployed "
            "peer and epoch on; 0: no selection, the deployed model is peer 0 at the final epoch")
     a("--authors-code", action="store_true",
-      help="every --authors-* behaviour below at once: the authors' code as they ran it (SPEC.md Sec. 8)")
+      help="every --authors-* behaviour below at once: the authors' code as they ran it (docs/spec.md Sec. 8)")
     a("--authors-rampup", action="store_true",
-      help="authors' code: r(ep) = 0.1 exp(-5(1 - ep/0.1)^2) for ep <= 80, 0.1 after (SPEC.md Sec. 8)")
+      help="authors' code: r(ep) = 0.1 exp(-5(1 - ep/0.1)^2) for ep <= 80, 0.1 after (docs/spec.md Sec. 8)")
     a("--authors-init", action="store_true",
-      help="authors' code: k + 1 initialisation steps at lr 0.001 with weight decay 5e-4 (SPEC.md Sec. 8)")
+      help="authors' code: k + 1 initialisation steps at lr 0.001 with weight decay 5e-4 (docs/spec.md Sec. 8)")
     a("--authors-ema-warmup", action="store_true",
-      help="authors' code: alpha = min(1 - 1/(step + 1), alpha) (SPEC.md Sec. 8)")
+      help="authors' code: alpha = min(1 - 1/(step + 1), alpha) (docs/spec.md Sec. 8)")
     a("--authors-weight-cutoff", action="store_true",
-      help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01, --decay exp only (SPEC.md Sec. 8)")
+      help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01, --decay exp only (docs/spec.md Sec. 8)")
     return p
 
 
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse, fill the schedule defaults scaled to --epochs (SPEC.md Sec. 3) and validate.
+    """Parse, fill the schedule defaults scaled to --epochs (docs/spec.md Sec. 3) and validate.
     Bad input exits with one line and code 2 (argparse's `error`)."""
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -405,10 +405,10 @@ def markdown(args, results: dict, problems: list[str]) -> str:
     corner, rows, columns, key = layout(args)
     title = f"{args.experiment}: top-1 % of the deployed model, mean ± std over seeds {args.seeds}"
     lines = [f"# {title}", ""]
-    sections = (("final", "Final epoch (this project's headline; SPEC.md Sec. 4)"),
+    sections = (("final", "Final epoch (this project's headline; docs/spec.md Sec. 4)"),
                 ("best", "Paper's convention: best deployed output at its best test epoch"))
     for stat, title in sections:
-        lines += [f"## {title}", "", "ours (the paper's number in brackets; SPEC.md Sec. 9)", "",
+        lines += [f"## {title}", "", "ours (the paper's number in brackets; docs/spec.md Sec. 9)", "",
                   f"| {corner} | " + " | ".join(label for _, label in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for row, row_label in rows:

@@ -1,4 +1,4 @@
-"""Data sets and the M-view augmentation of DKEL (paper Sec. 4.2; SPEC.md Sec. 3).
+"""Data sets and the M-view augmentation of DKEL (paper Sec. 4.2; docs/spec.md Sec. 3).
 
 Every peer i of the student sees its own independently augmented view x_i of each training
 image: a random crop with 4 pixels of zero padding, a random horizontal flip, then per-channel
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagefolder", "synthetic")
 
-# SPEC.md Sec. 3: per-channel (mean, std) in [0, 1] units. imagefolder and synthetic compute
+# docs/spec.md Sec. 3: per-channel (mean, std) in [0, 1] units. imagefolder and synthetic compute
 # theirs from their training images.
 NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -44,7 +44,7 @@ class EMATeacher:
         self.authors_warmup = authors_warmup
 
     def decay_at(self, step: int) -> float:
-        """alpha, constant. With `authors_warmup` (the authors' code, SPEC.md Sec. 8):
+        """alpha, constant. With `authors_warmup` (the authors' code, docs/spec.md Sec. 8):
         min(1 - 1/(step + 1), alpha), which makes the teacher a copy of the student at step 0 and
         so erases the initialisation of Sec. 3.3."""
         if self.authors_warmup:
@@ -102,7 +102,7 @@ class IndependentTeacher(EMATeacher):
         return self.forward(views).logits
 
     def deployable(self, peer: int) -> DeployableNet:
-        """The teacher's trunk + its branch `peer` (SPEC.md Sec. 4)."""
+        """The teacher's trunk + its branch `peer` (docs/spec.md Sec. 4)."""
         return self.network.deployable(peer)
 
 

@@ -7,7 +7,7 @@ pairs rather than by Python loops; tests/test_losses.py checks each against the 
 
 Gradient flow: a distillation target is never trained through the term that uses it. The
 teacher's logits come from an EMA network that receives no gradient at all, and the ensemble
-logits e learn only from their own cross-entropy (SPEC.md Eq. (3)), so every target is detached
+logits e learn only from their own cross-entropy (docs/spec.md Eq. (3)), so every target is detached
 here, at the point where it becomes a target.
 
 Symbols: T -> `temperature`, lambda -> `kd_weight`, r(ep) -> `rampup`, w(ep) -> `ensemble_weight`,
@@ -70,7 +70,7 @@ def peer_ensemble_kd(ensemble_logits: torch.Tensor, student_logits: torch.Tensor
                      temperature: float) -> torch.Tensor:
     """The peer-ensemble term of every peer i: (B, C) x (M, B, C) -> (M,).
 
-    e is detached: the ensemble head learns only from its own cross-entropy (SPEC.md Eq. (3)).
+    e is detached: the ensemble head learns only from its own cross-entropy (docs/spec.md Eq. (3)).
     """
     # Eq. (4): L_pe(s_i) = L_kd(e, s_i).
     return kd_loss(ensemble_logits.detach()[None], student_logits, temperature)  # (M,)
@@ -93,7 +93,7 @@ def decay_weight(epoch: int, epochs: int, kind: str = "exp", beta: float = 0.5) 
 def rampup(epoch: int, rampup_epochs: int) -> float:
     """PCL's sigmoid-shaped ramp-up of the distillation terms, r(ep) in Eq. (2)/(12).
 
-    NOTE(paper): the paper is silent on it; SPEC.md takes PCL's r(ep) = exp(-5 (1 - ep/R)^2)
+    NOTE(paper): the paper is silent on it; docs/spec.md takes PCL's r(ep) = exp(-5 (1 - ep/R)^2)
     for ep < R, else 1, with R = 80 of 300 epochs; R = 0 disables it (r = 1).
     """
     if epoch >= rampup_epochs:

@@ -9,13 +9,13 @@ without the ensemble head; the deployed model is the trunk followed by one branc
 
 `MultiPeerNet(trunk, branch, feature_dim, num_classes)` wraps any network cut into a trunk and a
 branch; `multi_peer_net(arch, num_classes)` builds one of the paper's architectures
-(backbones.py, Sec. 4.2). The same class gives every network the project needs (SPEC.md Sec. 5, 6):
+(backbones.py, Sec. 4.2). The same class gives every network the project needs (docs/spec.md Sec. 5, 6):
 - the 3-peer student, and DKEL's independent teacher;
 - a single plain network: M = 1 and no ensemble head;
 - M independent networks (DML, KDCL): no shared trunk, every branch a whole network;
 - the deployable model: the trunk plus one branch, cut out of a trained multi-peer network.
 
-After the network: the per-view BatchNorm of the shared trunk (SPEC.md Sec. 8), which gives a
+After the network: the per-view BatchNorm of the shared trunk (docs/spec.md Sec. 8), which gives a
 stacked pass of the M views the BatchNorm statistics of M separate passes.
 """
 import copy
@@ -47,7 +47,7 @@ class MultiPeerNet(nn.Module):
     network, given as nn.Sequential(trunk, body) so that `deployable` cuts it where a shared
     trunk would end.
 
-    `per_view_bn=True` (the default, SPEC.md Sec. 8) makes every BatchNorm2d of the shared trunk
+    `per_view_bn=True` (the default, docs/spec.md Sec. 8) makes every BatchNorm2d of the shared trunk
     a ViewBatchNorm2d (in place), so that a stacked pass of M views has the BatchNorm statistics of M
     separate passes (see `run_trunk`). The peers see one view each and keep plain BatchNorm;
     without a shared trunk there is nothing to change. Parameters and state-dict keys are the
@@ -75,7 +75,7 @@ class MultiPeerNet(nn.Module):
         The M views run through the trunk as one stacked batch of M*B images (one big batch
         beats M small ones).
         NOTE(paper): the paper does not say how BatchNorm treats the views. As in the authors'
-        code, which runs the trunk once per view (SPEC.md Sec. 8), the statistics are per view:
+        code, which runs the trunk once per view (docs/spec.md Sec. 8), the statistics are per view:
         in train mode each view is normalised with the mean and variance of its own B images
         and the running statistics are updated M times, view after view, exactly as M separate
         passes would (tests/test_models.py checks outputs, gradients and running statistics).
@@ -187,7 +187,7 @@ def multi_peer_net(arch: str, num_classes: int, num_peers: int = 3, ensemble_hea
 class ViewBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d of a trunk that runs M augmented views as one stacked batch of M*B images.
 
-    The authors' code runs the trunk once per view (SPEC.md Sec. 8), so in train mode every view
+    The authors' code runs the trunk once per view (docs/spec.md Sec. 8), so in train mode every view
     is normalised with the mean and variance of its own B images and the running statistics are
     updated M times per step, view after view. This layer gives the same in one pass of the
     convolutions: `views` is the number of views the current input holds, as M contiguous blocks
@@ -228,17 +228,7 @@ def per_view_batchnorm(module: nn.Module) -> None:
             setattr(module, name, view_bn)
         else:
             per_view_batchnorm(child)
-def per_view_batchnorm(module: nn.Module) -> None:
-    """Make every nn.BatchNorm2d inside `module` (on the CPU, as built) a ViewBatchNorm2d with
-    the same settings, parameters and buffers: same state-dict keys, same parameter count."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            view_bn = ViewBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                      child.track_running_stats)
-            view_bn.load_state_dict(child.state_dict())
-            setattr(module, name, view_bn)
-        else:
-            per_view_batchnorm(child)
+
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

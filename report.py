@@ -33,7 +33,7 @@ def write_summary(args: argparse.Namespace, method, num_classes: int, history: l
     The deployed model is chosen without looking at the test split: with --val-size, the output
     and epoch of the best validation accuracy, reported with its test accuracy; without, no
     selection at all: peer 0 at the final epoch. Beside it: the final-epoch mean over the deployed
-    outputs (SPEC.md Sec. 4) and the paper's convention, the best deployed output at its best
+    outputs (docs/spec.md Sec. 4) and the paper's convention, the best deployed output at its best
     epoch, which is selected on the test split and labelled so."""
     final, keys = history[-1], method.deployed_keys()
     evaluated = [row for row in history if "acc_deployed_mean" in row]

@@ -11,7 +11,7 @@ peers (the midpoint of two peers) and each teacher peer follows its student peer
 DK with the proposed teacher initialisation (Sec. 3.3). `python simulate.py montecarlo` runs
 Fig. 5: three peers, eta = 0.1, 90 epochs, 10,000 trials, and reports per epoch the distance
 between the teacher and Y for PCL (Eq. (2)), DK (Eq. (6)) and DKEL (Eq. (12) with the decay of
-Eq. (11), (13) or (14)). SPEC.md Sec. 7.
+Eq. (11), (13) or (14)). docs/spec.md Sec. 7.
 
 How the methods differ in the plane. A point has no backbone, so PCL's peer mean teacher (Eq. (4),
 the EMA branch applied to the student's own backbone) and DK's independent teacher (Eq. (6)) are
@@ -20,7 +20,7 @@ both the EMA of their student peer (Eq. (8)) and pull the student by the same te
 mean teacher starts as a copy of the student, as in Mean Teacher; the decoupled teacher starts from
 the initialisation of Sec. 3.3 (copy, then `init_iters` cross-entropy steps, i.e. steps towards Y).
 DKEL adds the decaying teacher ensemble of Eq. (9)-(12). One epoch is one simultaneous step of
-every student peer followed by one EMA step of every teacher peer (SPEC.md Sec. 7).
+every student peer followed by one EMA step of every teacher peer (docs/spec.md Sec. 7).
 """
 import argparse
 import csv

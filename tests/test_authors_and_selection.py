@@ -1,4 +1,4 @@
-"""The authors' code by one flag (SPEC.md Sec. 8), model selection on a held-out validation split,
+"""The authors' code by one flag (docs/spec.md Sec. 8), model selection on a held-out validation split,
 and the warning for runs too short for the EMA teacher (issue: faithfulness)."""
 import copy
 import json

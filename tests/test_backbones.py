@@ -1,4 +1,4 @@
-"""The paper's architectures (Sec. 4.2, SPEC.md Sec. 5): parameter counts by hand and against
+"""The paper's architectures (Sec. 4.2, docs/spec.md Sec. 5): parameter counts by hand and against
 torchvision, as multi-peer networks."""
 import pytest
 import torchvision

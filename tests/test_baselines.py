@@ -1,4 +1,4 @@
-"""The compared methods of Tables 1 and 2 (SPEC.md Sec. 6): each objective against an explicit loop over
+"""The compared methods of Tables 1 and 2 (docs/spec.md Sec. 6): each objective against an explicit loop over
 networks or pairs and a case worked by hand, gradient flow (detached targets, CL's 1/M scaling,
 OKDDip's attention), and one training step through every method object."""
 import inspect

@@ -17,7 +17,7 @@ from PIL import Image
 
 import data
 
-CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # SPEC.md Sec. 3
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # docs/spec.md Sec. 3
 CIFAR100_STATS = ((0.5071, 0.4866, 0.4409), (0.2675, 0.2565, 0.2761))
 
 

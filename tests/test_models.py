@@ -1,5 +1,5 @@
-"""Multi-peer networks (SPEC.md Sec. 5): shapes, parameter counts, stacked trunk, deployable model,
-a network of one's own wrapped, per-view BatchNorm of the stacked trunk (SPEC.md Sec. 8)."""
+"""Multi-peer networks (docs/spec.md Sec. 5): shapes, parameter counts, stacked trunk, deployable model,
+a network of one's own wrapped, per-view BatchNorm of the stacked trunk (docs/spec.md Sec. 8)."""
 import copy
 import io
 
@@ -97,7 +97,7 @@ def test_wraps_a_network_of_ones_own():
     assert torch.allclose(deployed, expected, atol=1e-5)
     assert not torch.allclose(deployed, other_peer, atol=1e-2)  # peer 0's classifier, not another's
 
-# ------------------------------------------------------------------ per-view BatchNorm (SPEC.md Sec. 8)
+# ------------------------------------------------------------------ per-view BatchNorm (docs/spec.md Sec. 8)
 # The reference is what the authors' code does: the trunk run once per view, with torch's own
 # nn.BatchNorm2d (a per_view_bn=False copy holding the same state), view after view.
 def per_view_and_reference(arch: str, channels_last: bool = False) -> tuple[MultiPeerNet, MultiPeerNet]:
