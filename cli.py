@@ -24,71 +24,99 @@ METHODS = {"dml": baselines.DML, "cl": baselines.CL, "one": baselines.ONE, "okdd
            "dkel": methods.DKEL, "kd": baselines.KD}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line refusal: a bad flag prints what is wrong and how to get help
+    (not the whole usage) and exits with code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once: argparse's "(default: X)" only where the text does not
+    already say it (nor for a switch, whose default is off)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py",
-                                description="Train DKEL, DK, PCL or a compared method of Table 1 "
-                                            "(Shao & Chen, DKEL).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="train.py", formatter_class=HelpFormatter,
+               description="Train DKEL, DK, PCL or a compared method of Table 1 (Shao & Chen, DKEL).")
     a = p.add_argument
     a("--dataset", default="cifar10", choices=datasets.DATASETS,
       help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
-    a("--arch", default="resnet32", help=f"architecture (paper Sec. 4.2, docs/spec.md Sec. 5): {', '.join(ARCHS)}")
+    a("--arch", default="resnet32",
+      help=f"architecture (paper Sec. 4.2, docs/spec.md Sec. 5): {', '.join(ARCHS)}")
     a("--method", default="dkel", choices=list(METHODS),
-      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); kd = offline KD (Table 2); "
-           "the others: Table 1 (docs/spec.md Sec. 6)")
-    a("--teacher-run", help="kd: finished run whose deployable.pt is the frozen teacher (Table 2, Sec. 4.3)")
+      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); kd = offline KD "
+           "(Table 2); the others: Table 1 (docs/spec.md Sec. 6)")
+    a("--teacher-run",
+      help="kd: finished run whose deployable.pt is the frozen teacher (Table 2, Sec. 4.3)")
     a("--decay", default="exp", choices=DECAYS,
       help="w(ep) in Eq. (12): exp = Eq. (11) (paper), cos = Eq. (13), linear = Eq. (14)")
     a("--beta", type=float, default=0.5,
       help="beta of Eq. (11), per epoch, never scaled (paper: 0.5, Sec. 4.2)")
     a("--num-peers", type=int, default=3,
       help="number of peers, branches or networks m (paper: 3, Sec. 4.3); baseline ignores it")
-    a("--temperature", type=float, default=3.0, help="distillation temperature T of Eq. (1) (docs/spec.md Sec. 3: 3)")
-    a("--ema-decay", type=float, default=0.999, help="EMA decay alpha of Eq. (5) (docs/spec.md Sec. 3: 0.999)")
-    a("--kd-weight", type=float, default=1.0, help="lambda of Eq. (2)/(12), from PCL (docs/spec.md Sec. 3: 1.0)")
+    a("--temperature", type=float, default=3.0,
+      help="distillation temperature T of Eq. (1) (docs/spec.md Sec. 3: 3)")
+    a("--ema-decay", type=float, default=0.999,
+      help="EMA decay alpha of Eq. (5) (docs/spec.md Sec. 3: 0.999)")
+    a("--kd-weight", type=float, default=1.0,
+      help="lambda of Eq. (2)/(12), from PCL (docs/spec.md Sec. 3: 1.0)")
     a("--rampup-epochs", type=int, default=None,
-      help="ramp-up length R of r(ep); 0 disables (PCL: 80 of 300 epochs; default scales with --epochs)")
+      help="ramp-up length R of r(ep); 0 disables (PCL: 80 of 300 epochs; default: scaled with "
+           "--epochs)")
     a("--init-iters", type=int, default=1,
       help="teacher initialisation iterations k (paper: 1, Sec. 4.2; Fig. 6: 1 to 20)")
     a("--init-lr", type=float, default=0.01,
       help="teacher initialisation learning rate (paper: 0.01, Sec. 4.2; authors' code: 0.001)")
     a("--epochs", type=int, default=None,
-      help="epochs (paper: 300 on CIFAR, 100 on TinyImageNet, Sec. 4.2; synthetic: 300 too)")
+      help="epochs (default: the paper's, 300 on CIFAR and 100 on TinyImageNet, Sec. 4.2; "
+           "synthetic: 300 too)")
     a("--batch-size", type=int, default=128, help="batch size (paper: 128, Sec. 4.2)")
     a("--lr", type=float, default=0.1, help="initial learning rate (paper: 0.1, Sec. 4.2)")
     a("--momentum", type=float, default=0.9, help="Nesterov momentum (paper: 0.9, Sec. 4.2)")
     a("--weight-decay", type=float, default=5e-4, help="weight decay (paper: 5e-4, Sec. 4.2)")
     a("--milestones", type=int, nargs="+", default=None,
-      help="epochs at which lr is multiplied by 0.1 (paper: 150 225 of 300 on CIFAR, 30 60 of 100 on "
-           "TinyImageNet; default scales with --epochs)")
+      help="epochs at which lr is multiplied by 0.1 (paper: 150 225 of 300 on CIFAR, 30 60 of 100 "
+           "on TinyImageNet; default: scaled with --epochs)")
     a("--seed", type=int, default=0, help="random seed (initialisation, data order, augmentation)")
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     a("--data-dir", default="./data", help="where the data set is, or is downloaded to")
-    a("--out-dir", default=None, help="run directory (default: runs/<dataset>_<arch>_<method>_seed<seed>)")
+    a("--out-dir", default=None,
+      help="run directory (default: runs/<dataset>_<arch>_<method>_seed<seed>)")
     a("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
     a("--eval-every", type=int, default=1,
       help="evaluate on the test split every N epochs (and always after the last)")
     a("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-      help="forward passes under bf16 autocast or in fp32 (losses, EMA, BatchNorm statistics and master "
-           "weights stay fp32); auto: bf16 on CUDA and on a CPU with native bf16, fp32 elsewhere")
+      help="forward passes under bf16 autocast or in fp32 (losses, EMA, BatchNorm statistics and "
+           "master weights stay fp32); auto: bf16 on CUDA and on a CPU with native bf16, fp32 "
+           "elsewhere")
     a("--compile", action="store_true",
       help="torch.compile the forward passes of the trained networks (and teacher)")
-    a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks (CUDA; default per rank)")
+    a("--sync-bn", action="store_true",
+      help="torchrun: SyncBatchNorm across ranks (CUDA; default: per rank)")
     a("--collapse-threshold", type=float, default=0.01,
-      help="stop when the deployed model's mean logit norm falls below this (collapse, paper Sec. 3.3)")
+      help="stop when the deployed model's mean logit norm falls below this (collapse, Sec. 3.3)")
     a("--val-size", type=int, default=0,
-      help="hold this many training images out (stratified, fixed by --seed) to choose the deployed "
-           "peer and epoch on; 0: no selection, the deployed model is peer 0 at the final epoch")
+      help="hold this many training images out (stratified, fixed by --seed) to choose the "
+           "deployed peer and epoch on; 0: no selection, the deployed model is peer 0 at the final "
+           "epoch")
     a("--authors-code", action="store_true",
-      help="every --authors-* behaviour below at once: the authors' code as they ran it (docs/spec.md Sec. 8)")
+      help="every --authors-* behaviour below at once: the authors' code as they ran it "
+           "(docs/spec.md Sec. 8)")
     a("--authors-rampup", action="store_true",
-      help="authors' code: r(ep) = 0.1 exp(-5(1 - ep/0.1)^2) for ep <= 80, 0.1 after (docs/spec.md Sec. 8)")
+      help="authors' code: r(ep) = 0.1 exp(-5(1 - ep/0.1)^2) for ep <= 80, 0.1 after")
     a("--authors-init", action="store_true",
-      help="authors' code: k + 1 initialisation steps at lr 0.001 with weight decay 5e-4 (docs/spec.md Sec. 8)")
+      help="authors' code: k + 1 initialisation steps at lr 0.001 with weight decay 5e-4")
     a("--authors-ema-warmup", action="store_true",
-      help="authors' code: alpha = min(1 - 1/(step + 1), alpha) (docs/spec.md Sec. 8)")
+      help="authors' code: alpha = min(1 - 1/(step + 1), alpha)")
     a("--authors-weight-cutoff", action="store_true",
-      help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01, --decay exp only (docs/spec.md Sec. 8)")
+      help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01, --decay exp only")
     return p
 
 
@@ -104,16 +132,19 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.milestones is None:
         fractions = PAPER_MILESTONES.get(args.dataset, (0.5, 0.75))
-        args.milestones = sorted({min(args.epochs, max(1, round(f * args.epochs))) for f in fractions})
+        scaled = {min(args.epochs, max(1, round(f * args.epochs))) for f in fractions}
+        args.milestones = sorted(scaled)
     if args.rampup_epochs is None:
         # NOTE(paper): PCL's R = 80 of 300 epochs, scaled; on TinyImageNet's 100 epochs R = 27.
         args.rampup_epochs = round(PAPER_RAMPUP_FRACTION * args.epochs)
     if args.authors_code:
-        args.authors_rampup = args.authors_ema_warmup = args.authors_weight_cutoff = args.authors_init = True
+        for flag in ("authors_rampup", "authors_ema_warmup", "authors_weight_cutoff", "authors_init"):
+            setattr(args, flag, True)
     min_peers = METHODS[args.method].min_peers
     checks = [
         (args.beta < 0, f"--beta must be >= 0, got {args.beta}"),
-        (args.teacher_run is not None and args.method != "kd", "--teacher-run is for --method kd only"),
+        (args.teacher_run is not None and args.method != "kd",
+         "--teacher-run is for --method kd only"),
         (args.num_peers < min_peers,
          f"--method {args.method} needs --num-peers >= {min_peers}, got {args.num_peers}"),
         (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
@@ -137,7 +168,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; use "
+                     f"--device cpu")
     if args.precision == "auto":  # config.json records what ran
         args.precision = "bf16" if native_bf16(torch.device(args.device)) else "fp32"
     default_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{args.method}_seed{args.seed}")

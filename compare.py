@@ -24,7 +24,7 @@ from typing import NamedTuple
 import report
 import train
 from backbones import ARCHS
-from cli import METHODS
+from cli import METHODS, HelpFormatter, Parser
 from data import DATASETS
 from losses import DECAYS
 from report import pyplot
@@ -121,7 +121,8 @@ EXPERIMENTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
+        prog="compare.py", formatter_class=HelpFormatter,
         description="The paper's tables and figures (Sec. 4.3) from train.py runs; "
                     "arguments after -- are passed to every train.py run.",
         epilog="small scale on a CPU, with an EMA decay fit for 78 steps: compare.py "

@@ -31,6 +31,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from cli import HelpFormatter, Parser
 from losses import decay_weight
 
 matplotlib.use("Agg")
@@ -347,11 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="step length of the initialisation steps (Sec. 3.4 uses one "
                              "learning rate, 0.1, for the whole simulation)")
     shared.add_argument("--out-dir", default="runs/simulate", help="where the CSV and PNGs go")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="simulate.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("ideal", parents=[shared], help="one step of Fig. 4, saved as ideal.png")
+    commands.add_parser("ideal", parents=[shared], formatter_class=HelpFormatter,
+                        help="one step of Fig. 4, saved as ideal.png")
     montecarlo = commands.add_parser(
-        "montecarlo", parents=[shared], help="Fig. 5, saved as montecarlo.csv and montecarlo.png",
+        "montecarlo", parents=[shared], formatter_class=HelpFormatter,
+        help="Fig. 5, saved as montecarlo.csv and montecarlo.png",
         description="Monte Carlo simulation of Fig. 5. A method converges at the first epoch from "
                     "which its mean teacher gap stays within --tolerance times its total decrease "
                     "(gap at epoch 0 minus gap at the last epoch) of its final gap.")
