@@ -108,8 +108,9 @@ class OnlineDistillation(Method):
         super().__init__(torch.compile(self.student) if compile else self.student)
         self.num_views = student.num_peers  # every peer its own augmented view (Sec. 3.2)
 
+    @abc.abstractmethod
     def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
-        raise NotImplementedError
+        """The EMA teacher of the student (ema.py)."""
 
     def teacher_logits(self, views: torch.Tensor, student_out) -> torch.Tensor:
         """Teacher peer logits (M, B, C), under no_grad: the teacher learns only by Eq. (5), so
