@@ -5,7 +5,12 @@ ones in turn (or, with `--gpus`, one per GPU at a time), then writes
 <runs-dir>/<experiment>_<datasets>.md -- each run's honest figure (report.headline), mean +- std
 over seeds, the paper's number in brackets (paper_results.csv), the paper's best-epoch convention,
 every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list` prints the grid,
-`--cell I` trains its I-th run (a SLURM array task)."""
+`--cell I` trains its I-th run (a SLURM array task).
+
+A run directory that holds a run made with other settings than the experiment's (its config.json
+against train.py's resolution of the command compare.py would give it) is never tabulated nor
+resumed: it is named with the settings that differ, and `--retrain-mismatched` moves it aside and
+trains it again. SIGTERM or SIGINT ends the sweep, with its exit code."""
 import argparse
 import contextlib
 import csv
@@ -13,15 +18,17 @@ import itertools
 import json
 import math
 import os
-import queue
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
 from typing import NamedTuple
 
+import cli
 import report
+import rundir
 import train
 from backbones import ARCHS
 from cli import METHODS, HelpFormatter, Parser
@@ -125,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compare.py", formatter_class=HelpFormatter,
         description="The paper's tables and figures (Sec. 4.3) from train.py runs; "
                     "arguments after -- are passed to every train.py run.",
-        epilog="small scale on a CPU, with an EMA decay fit for 78 steps: compare.py "
-               "--dataset synthetic --archs resnet8 --epochs 2 -- --ema-decay 0.7")
+        epilog="small scale on a CPU, in a runs directory of its own, with an EMA decay fit for "
+               "its 78 steps: compare.py --dataset synthetic --archs resnet8 --epochs 2 "
+               "--runs-dir runs/small_ema0.7 -- --ema-decay 0.7")
     a = p.add_argument
     a("--experiment", default="table1", choices=list(EXPERIMENTS),
       help="table1: Table 1 (C10/100, five networks, every online method); "
@@ -144,7 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seeds", nargs="+", type=int, default=[0, 1, 2],
       help="seeds of every cell (mean +- std over them)")
     a("--epochs", type=int, help="epochs of every run (default: train.py's, the paper's 300 / 100)")
-    a("--runs-dir", default="runs", help="where the runs and the tables live")
+    a("--runs-dir", default="runs",
+      help="where the runs and the tables live; one per experiment protocol (--epochs, the flags "
+           "after --): a run made with other settings is never tabulated")
+    a("--retrain-mismatched", action="store_true",
+      help="move each run of the grid made with other settings to <its directory>.mismatched-N "
+           "and train it again (default: name them and train nothing)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--read-only", action="store_true",
                       help="train nothing: tabulate the finished runs, list the others as missing")
@@ -166,6 +179,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv[:split])
     args.train_args = argv[split + 1:]
+    args.argv = argv  # the command that continues a stopped sweep
     experiment = EXPERIMENTS[args.experiment]
     args.dataset = args.dataset or list(experiment.datasets)
     args.archs = args.archs or list(experiment.archs)
@@ -174,6 +188,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.figure = experiment.figure
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.retrain_mismatched and (args.read_only or args.list):
+        parser.error("--retrain-mismatched trains: not with --read-only or --list")
     return args
 
 
@@ -236,7 +252,64 @@ def launch_argv(args, run: Run) -> list[str]:
     return command(args, run, *extra)
 
 
+# ----------------------------------------------------------------------------- runs made otherwise
+HOW_TO_PROCEED = ("choose another --runs-dir for this experiment, or add --retrain-mismatched to "
+                  "move each to <its directory>.mismatched-N and train it again")
+
+
+def settings_changed(args, run: Run) -> str:
+    """How the run in `run`'s directory was made otherwise than this experiment would make it now
+    ("--epochs: 1 -> 2, ..."; "" if not): its config.json against train.py's own resolution of
+    the command, in the settings that change results (rundir.changed_settings)."""
+    path = os.path.join(run_dir(args, run), "config.json")
+    if not os.path.exists(path):
+        return "no config.json says how it was made"
+    with open(path) as f:
+        saved = json.load(f)
+    argv = [*command(args, run), "--device", "cpu"]  # resolves on any machine; RESUMABLE
+    wanted = vars(cli.resolve_args(argv))
+    if cli.build_parser().parse_args(argv).precision == "auto":
+        wanted["precision"] = saved.get("precision")  # auto: what the run's machine computes in
+    return ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {wanted.get(k)!r}"
+                     for k in rundir.changed_settings(saved, wanted))
+
+
+def made_otherwise(args, runs: list[Run]) -> dict[Run, str]:
+    """The runs whose directory holds a run (a checkpoint or a summary) made with other settings:
+    run -> what differs. A kd run whose teacher run is among them is, too."""
+    mismatched = {}
+    for run in runs:
+        if not any(os.path.exists(os.path.join(run_dir(args, run), name))
+                   for name in ("checkpoint.pt", "summary.json")):
+            continue
+        if run.teacher in mismatched:
+            mismatched[run] = f"its teacher run {run_dir(args, run.teacher)} was made otherwise"
+        elif changed := settings_changed(args, run):
+            mismatched[run] = changed
+    return mismatched
+
+
+def retrain_or_refuse(args, mismatched: dict[Run, str]) -> None:
+    """Before training: refuse (exit 2) the runs made otherwise, naming each with what differs, or
+    (--retrain-mismatched) move each to <its directory>.mismatched-N, to be trained again."""
+    if mismatched and not args.retrain_mismatched:
+        lines = [f"{len(mismatched)} run(s) in {args.runs_dir} were made with other settings than "
+                 f"this experiment's (made with -> now); nothing was trained:"]
+        lines += [f"  {run_dir(args, run)}: {why}" for run, why in mismatched.items()]
+        raise rundir.RunStopped("\n".join([*lines, HOW_TO_PROCEED]), rundir.EXIT_BAD_INPUT)
+    for run in mismatched:
+        out_dir = run_dir(args, run)
+        aside = next(f"{out_dir}.mismatched-{n}" for n in itertools.count(1)
+                     if not os.path.exists(f"{out_dir}.mismatched-{n}"))
+        os.rename(out_dir, aside)
+        print(f"moved {out_dir} (made with other settings) to {aside}; training it again")
+
+
 # ----------------------------------------------------------------------------- training the grid
+STOP_CODES = (rundir.EXIT_INTERRUPTED, rundir.EXIT_TERMINATED)  # 128 + SIGINT, 128 + SIGTERM
+POLL_SECONDS = 0.5  # how often --gpus looks at its children
+
+
 def train_in_process(argv: list[str]) -> int:
     """One train.py run in this process; its exit code."""
     print(f"== train.py {shlex.join(argv)}", flush=True)
@@ -246,62 +319,106 @@ def train_in_process(argv: list[str]) -> int:
         return exit_info.code
 
 
-def launch_on_gpu(argv: list[str], gpu: str) -> int:
-    """One train.py child process that sees GPU `gpu` alone, its output in the run's train.log."""
+def train_in_turn(argvs: list[list[str]]) -> tuple[list[int], int | None]:
+    """The runs one after another in this process; their exit codes, and the code of a run that
+    SIGINT or SIGTERM stopped (130, 143), at which the sweep ends."""
+    codes = []
+    for argv in argvs:
+        codes.append(train_in_process(argv))
+        if codes[-1] in STOP_CODES:
+            return codes, codes[-1]
+    return codes, None
+
+
+def launch_on_gpu(argv: list[str], gpu: str) -> subprocess.Popen:
+    """One train.py child process that sees GPU `gpu` alone, its output in the run's train.log; in
+    a session of its own, so that a Ctrl-C in the terminal reaches it once, passed on by
+    compare.py."""
     out_dir = argv[argv.index("--out-dir") + 1]
     os.makedirs(out_dir, exist_ok=True)
     print(f"== GPU {gpu}: train.py {shlex.join(argv)}", flush=True)
     with open(os.path.join(out_dir, "train.log"), "a") as log:
-        child = subprocess.run([sys.executable, TRAIN_PY, *argv],
-                               stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
-    return child.returncode
+        return subprocess.Popen([sys.executable, TRAIN_PY, *argv], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
 
 
-def train_parallel(argvs: list[list[str]], gpus: list[str]) -> list[int]:
-    """The runs in parallel, one at a time per GPU: a worker takes a free GPU, runs, gives it
-    back."""
-    free = queue.Queue()
-    for gpu in gpus:
-        free.put(gpu)
-
-    def on_a_free_gpu(argv: list[str]) -> int:
-        gpu = free.get()
-        try:
-            return launch_on_gpu(argv, gpu)
-        finally:
-            free.put(gpu)
-
-    with ThreadPoolExecutor(len(gpus)) as pool:
-        return list(pool.map(on_a_free_gpu, argvs))
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM and SIGINT recorded (their numbers, in order of arrival) instead of acted on."""
+    received = []
+    previous = {number: signal.signal(number, lambda n, frame: received.append(n))
+                for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
-def train_missing(args, runs: list[Run]) -> dict[Run, str]:
-    """Train (or resume) every unfinished run (--gpus: in parallel), kd runs last; the failures."""
+def train_parallel(argvs: list[list[str]], gpus: list[str]) -> tuple[list[int | None], int | None]:
+    """The runs as child processes, one at a time per GPU; their exit codes (None: not started).
+    SIGTERM or SIGINT ends the launches and is passed on to every running child (train.py stops
+    at the end of its step, its finished epochs saved); the children are waited for, and the
+    second value is then the signal's exit code (128 + its number)."""
+    codes, waiting, running = [None] * len(argvs), list(enumerate(argvs)), {}  # gpu: index, child
+    with stop_signals() as received:
+        passed_on = 0
+        while running or (waiting and not received):
+            for gpu in gpus:
+                if gpu not in running and waiting and not received:
+                    index, argv = waiting.pop(0)
+                    running[gpu] = index, launch_on_gpu(argv, gpu)
+            for number in received[passed_on:]:
+                for _, child in running.values():
+                    child.send_signal(number)
+            passed_on = len(received)
+            for gpu, (index, child) in list(running.items()):
+                if child.poll() is not None:
+                    codes[index] = child.returncode
+                    del running[gpu]
+            if running:
+                time.sleep(POLL_SECONDS)
+    return codes, (128 + received[0] if received else None)
+
+
+def sweep_stopped(args, runs: list[Run], code: int) -> rundir.RunStopped:
+    """The end of a sweep that a stop signal ended: which runs remain, and how to continue."""
+    left = sum(not finished(args, run) for run in runs)
+    return rundir.RunStopped(
+        f"stopped by {signal.Signals(code - 128).name}: {left} of the {len(runs)} runs have not "
+        f"finished; continue with: python compare.py {shlex.join(args.argv)}", code)
+
+
+def train_missing(args, runs: list[Run], mismatched: dict[Run, str]) -> dict[Run, str]:
+    """Train (or resume) every unfinished run (--gpus: in parallel), kd runs last; the failures.
+    The runs made otherwise are refused or moved aside first (`retrain_or_refuse`); a stop signal
+    ends the sweep (RunStopped with its exit code)."""
+    retrain_or_refuse(args, mismatched)
     failed = {}
     without_teacher = [run for run in runs if run.teacher is None]  # kd's teachers among them
     kd_students = [run for run in runs if run.teacher is not None]
     for wave in (without_teacher, kd_students):
         todo = [run for run in wave if not finished(args, run)]
         argvs = [launch_argv(args, run) for run in todo]
-        if args.gpus:
-            codes = train_parallel(argvs, args.gpus)
-        else:
-            codes = [train_in_process(argv) for argv in argvs]
+        codes, stop = train_parallel(argvs, args.gpus) if args.gpus else train_in_turn(argvs)
+        if stop:
+            raise sweep_stopped(args, runs, stop)
         for run, code in zip(todo, codes):
             if code != 0:
                 failed[run] = f"failed (exit code {code})"
     return failed
 
 
-def train_cell(args, runs: list[Run]) -> int:
-    """--cell I: train the I-th run of the grid alone (nothing if it has finished); its exit
-    code."""
+def train_cell(args, runs: list[Run], mismatched: dict[Run, str]) -> int:
+    """--cell I: train the I-th run of the grid alone (nothing if it has finished; refused or moved
+    aside first if made otherwise); its exit code."""
     if not 0 <= args.cell < len(runs):
         print(f"error: --cell {args.cell} is outside the grid's runs 0..{len(runs) - 1}",
               file=sys.stderr)
         return 2
     run = runs[args.cell]
+    retrain_or_refuse(args, {run: mismatched[run]} if run in mismatched else {})
     if finished(args, run):
         print(f"{run_dir(args, run)} has finished; nothing to train")
         return 0
@@ -309,14 +426,14 @@ def train_cell(args, runs: list[Run]) -> int:
 
 
 # ----------------------------------------------------------------------------- tables
-def collect(args, runs: list[Run], failed: dict[Run, str]) -> tuple[dict, list[str]]:
-    """Run key -> {"final": [...], "best": [...]} over the finished seeds; the others by
-    directory."""
+def collect(args, runs: list[Run], untabulated: dict[Run, str]) -> tuple[dict, list[str]]:
+    """Run key -> {"final": [...], "best": [...]} over the finished seeds; the others (missing, or
+    in `untabulated`: failed, made otherwise) by directory."""
     results, problems = {}, []
     for run in runs:
         path = os.path.join(run_dir(args, run), "summary.json")
-        if not os.path.exists(path):
-            problems.append(f"{run_dir(args, run)}: {failed.get(run, 'missing')}")
+        if run in untabulated or not os.path.exists(path):
+            problems.append(f"{run_dir(args, run)}: {untabulated.get(run, 'missing')}")
             continue
         with open(path) as f:
             summary = json.load(f)
@@ -506,27 +623,49 @@ def curve_chart(args, runs: list[Run], path: str) -> None:
         axes[0].set_ylabel(f"test top-1 % of the deployed model\n(mean over seeds {args.seeds})")
 
 
+def print_lines(lines) -> int:
+    """Print; a reader that has gone (`compare.py --list | head`) ends it quietly, with the exit
+    code of a process that SIGPIPE ends (141)."""
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # Python's last flush at exit goes there
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     runs = grid(args)
     if args.list:
-        print("\n".join(shlex.join(["python", "train.py", *command(args, run)]) for run in runs))
-        return 0
-    if args.cell is not None:
-        return train_cell(args, runs)
-    failed = {} if args.read_only else train_missing(args, runs)
-    results, problems = collect(args, runs, failed)
+        return print_lines(shlex.join(["python", "train.py", *command(args, run)]) for run in runs)
+    mismatched = made_otherwise(args, runs)
+    try:
+        if args.cell is not None:
+            return train_cell(args, runs, mismatched)
+        if args.read_only:
+            untabulated = {run: f"made with other settings ({why})" for run, why in mismatched.items()}
+        else:
+            untabulated = train_missing(args, runs, mismatched)
+    except rundir.RunStopped as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.exit_code
+    results, problems = collect(args, runs, untabulated)
     os.makedirs(args.runs_dir, exist_ok=True)
     base = os.path.join(args.runs_dir, f"{args.experiment}_{'_'.join(args.dataset)}")
     text = markdown(args, results, problems)
     with open(f"{base}.md", "w") as f:
         f.write(text)
     if args.figure == "curves":
-        curve_chart(args, runs, f"{base}.png")
+        curve_chart(args, [run for run in runs if run not in untabulated], f"{base}.png")
     else:
         bar_chart(args, results, f"{base}.png")
     print(text)
     print(f"wrote {base}.md and {base}.png")
+    if args.read_only and mismatched:
+        print(f"{len(mismatched)} run(s) made with other settings are not tabulated: {HOW_TO_PROCEED}")
     return 1 if problems else 0
 
 

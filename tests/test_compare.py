@@ -2,12 +2,12 @@
 by hand), missing runs listed, the paper's numbers, --list / --cell, and the --gpus process pool."""
 import json
 import os
-import subprocess
-import threading
+import signal
 import time
 
 import pytest
 
+import cli
 import compare
 
 pytestmark = pytest.mark.usefixtures("small_data")
@@ -15,9 +15,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_TRAINING = ["--", "--batch-size", "64", "--device", "cpu"]
 
 
-def finished_by_hand(runs_dir, name, final, best):
-    """A run directory whose summary.json says it finished with these accuracies."""
-    os.makedirs(runs_dir / name)
+def config_by_hand(path, train_argv):
+    """config.json as train.py writes it for these flags (its resolved arguments)."""
+    os.makedirs(path, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(vars(cli.resolve_args(train_argv))))
+
+
+def finished_by_hand(runs_dir, name, final, best, train_argv):
+    """A run directory made with train.py's `train_argv` whose summary.json says it finished with
+    these accuracies."""
+    config_by_hand(runs_dir / name, train_argv)
     summary = {"headline_final_deployed_mean": final, "paper_convention_best_peer_best_epoch": {"acc": best}}
     (runs_dir / name / "summary.json").write_text(json.dumps(summary))
 
@@ -94,7 +101,8 @@ def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
     assert "| synthetic resnet8 | " in table and f"{mean:.2f}±{std:.2f} (n=2)" in table
     assert (tmp_path / "table1_synthetic.png").read_bytes()[:8] == PNG_SIGNATURE
     # Read-only: a run that does not exist is listed, not skipped, and the exit code says so.
-    assert compare.main(argv[:6] + ["--seeds", "0", "7", "--read-only", "--runs-dir", str(tmp_path)]) == 1
+    read_only = argv[:6] + ["--seeds", "0", "7", "--epochs", "1", "--read-only", "--runs-dir", str(tmp_path)]
+    assert compare.main([*read_only, *TINY_TRAINING]) == 1
     table = (tmp_path / "table1_synthetic.md").read_text()
     assert f"{os.path.join(str(tmp_path), 'synthetic_resnet8_pcl_seed7')}: missing" in table
     assert "(n=1)" in table
@@ -125,25 +133,30 @@ def test_table2_trains_kd_from_its_baseline_run(tmp_path):
     assert (tmp_path / "table2_tinyimagenet.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-# Each experiment read back from one run directory written by hand (nothing is trained): its header,
-# the hand-written run in its cell, a row with the paper's numbers, and the number of missing runs.
+# Each experiment read back from one run directory written by hand (nothing is trained), with the
+# train.py flags it was made with: its header, the hand-written run in its cell, a row with the
+# paper's numbers, and the number of missing runs.
 READ_BACK = {
     "table3": ("cifar100_resnet32_dk_seed0",
+               ["--dataset", "cifar100", "--arch", "resnet32", "--method", "dk"],
                "| network | PCL | PCL+L_dk | DKEL |",
                "| cifar100 resnet32 | — (74.14±0.05) | 61.50 (n=1) (74.67) | — (74.83±0.12) |",
                "| cifar10 resnet32 | — (94.33±0.06) | — (94.54) | — (94.56±0.06) |", 5),
     "table4": ("cifar100_densenet40_12_dkel_beta0.2_seed0",
+               ["--dataset", "cifar100", "--arch", "densenet40_12", "--beta", "0.2"],
                "| setting | vgg16 cifar10 | vgg16 cifar100 | densenet40_12 cifar10 | densenet40_12 "
                "cifar100 |",
                "| β = 0.2 | — | — | — | 61.50 (n=1) |",
                "| β = 0.5 | — (94.89±0.10) | — (77.20±0.12) | — (94.23±0.08) | "
                "— (72.78±0.18) |", 19),
     "fig6": ("cifar10_densenet40_12_dkel_k20_seed0",
+             ["--dataset", "cifar10", "--arch", "densenet40_12", "--init-iters", "20"],
              "| setting | resnet32 cifar10 | resnet32 cifar100 | densenet40_12 cifar10 | densenet40_12 "
              "cifar100 |",
              "| k = 20 | — | — | 61.50 (n=1) | — |",
              "| k = 1 | — (94.56) | — (74.83) | — | — |", 19),
     "fig7": ("cifar10_resnet32_dkel_decaycos_seed0",
+             ["--dataset", "cifar10", "--arch", "resnet32", "--decay", "cos"],
              "| setting | resnet32 cifar10 | resnet32 cifar100 |",
              "| decay = cos | 61.50 (n=1) | — |",
              "| decay = linear | — | — |", 5),
@@ -152,8 +165,8 @@ READ_BACK = {
 
 @pytest.mark.parametrize("experiment", list(READ_BACK))
 def test_each_experiment_reads_its_runs_back(tmp_path, experiment):
-    name, header, ours, papers, missing = READ_BACK[experiment]
-    finished_by_hand(tmp_path, name, 61.5, 62.25)
+    name, train_argv, header, ours, papers, missing = READ_BACK[experiment]
+    finished_by_hand(tmp_path, name, 61.5, 62.25, train_argv)
     if experiment == "fig7":
         (tmp_path / name / "metrics.csv").write_text("epoch,acc_deployed_mean\n1,40.0\n2,61.5\n")
     argv = ["--experiment", experiment, "--seeds", "0", "--runs-dir", str(tmp_path), "--read-only"]
@@ -200,7 +213,7 @@ def test_list_prints_the_grid_and_cell_trains_one_run(tmp_path, capsys):
     assert (config["init_iters"], config["epochs"], config["batch_size"]) == (10, 1, 64)
     assert (tmp_path / "synthetic_resnet8_dkel_k10_seed0" / "summary.json").exists()
     capsys.readouterr()
-    assert compare.main([*argv, "--cell", "3"]) == 0
+    assert compare.main([*argv, "--cell", "3", *TINY_TRAINING]) == 0
     assert "has finished; nothing to train" in capsys.readouterr().out
     assert compare.main([*argv, "--cell", "5"]) == 2
     assert "outside the grid's runs 0..4" in capsys.readouterr().err
@@ -216,35 +229,152 @@ def test_list_puts_a_kd_teacher_run_before_its_student(tmp_path, capsys):
     assert student_line.endswith(f"synthetic_resnet8_kd_teacher-resnet20_seed0 --teacher-run {teacher_dir}")
 
 
-def test_gpus_run_one_child_per_listed_device_at_a_time(tmp_path, monkeypatch):
-    lock, running, spans = threading.Lock(), {}, []
+class StandInChild:
+    """Stands in for a `python train.py ...` child on one GPU (subprocess.Popen's interface): it
+    ends after `seconds`, or with code 128 + N as soon as it is sent signal N."""
+    seconds = 0.1
+    started: list = []  # of every StandInChild, in launch order
 
-    def child(cmd, stdout, stderr, env):  # stands in for `python train.py ...` on one GPU
-        gpu, start = env["CUDA_VISIBLE_DEVICES"], time.monotonic()
-        with lock:
-            running[gpu] = running.get(gpu, 0) + 1
-            overlap = running[gpu]
-        time.sleep(0.1)
-        with lock:
-            running[gpu] -= 1
-            spans.append((cmd, gpu, overlap, start, time.monotonic()))
-        return subprocess.CompletedProcess(cmd, 0)
+    def __init__(self, cmd, stdout, stderr, env, start_new_session):
+        self.cmd, self.gpu, self.signals = cmd, env["CUDA_VISIBLE_DEVICES"], []
+        self.start, self.returncode = time.monotonic(), None
+        self.started.append(self)
 
-    monkeypatch.setattr(compare.subprocess, "run", child)
+    def poll(self):
+        if self.returncode is None and self.signals:
+            self.returncode = 128 + self.signals[0]
+        elif self.returncode is None and time.monotonic() - self.start >= self.seconds:
+            self.returncode, self.end = 0, time.monotonic()
+        return self.returncode
+
+    def send_signal(self, number):
+        self.signals.append(number)
+
+
+@pytest.fixture
+def stand_in_children(monkeypatch):
+    monkeypatch.setattr(compare.subprocess, "Popen", StandInChild)
+    monkeypatch.setattr(compare, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(StandInChild, "started", [])
+    return StandInChild
+
+
+def test_gpus_run_one_child_per_listed_device_at_a_time(tmp_path, stand_in_children):
     argv = ["--experiment", "table2", "--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline",
             "kd", "dml", "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--gpus", "3", "5", "--",
             "--batch-size", "64"]
     assert compare.main(argv) == 1       # the stand-ins write no summary: every run is listed missing
-    assert len(spans) == 6 and {gpu for _, gpu, _, _, _ in spans} == {"3", "5"}
-    assert all(overlap == 1 for _, _, overlap, _, _ in spans)    # never two runs on one device
-    for cmd, _, _, _, _ in spans:
-        assert cmd[1].endswith("train.py") and cmd[-4:] == ["--device", "cuda", "--batch-size", "64"]
-        out_dir = cmd[cmd.index("--out-dir") + 1]
+    children = stand_in_children.started
+    assert len(children) == 6 and {child.gpu for child in children} == {"3", "5"}
+    for child in children:                                      # never two runs on one device
+        others = [c for c in children if c is not child and c.gpu == child.gpu]
+        assert all(c.end <= child.start or c.start >= child.end for c in others)
+        assert child.cmd[1].endswith("train.py")
+        assert child.cmd[-4:] == ["--device", "cuda", "--batch-size", "64"]
+        out_dir = child.cmd[child.cmd.index("--out-dir") + 1]
         assert os.path.exists(os.path.join(out_dir, "train.log"))
     # Both devices worked at once, and each kd run started after its teacher run had ended.
-    starts = sorted(start for _, _, _, start, _ in spans)
-    assert starts[1] < min(end for _, _, _, _, end in spans)
-    ends = {cmd[cmd.index("--out-dir") + 1]: end for cmd, _, _, _, end in spans}
-    for cmd, _, _, start, _ in spans:
-        if "--teacher-run" in cmd:
-            assert start >= ends[cmd[cmd.index("--teacher-run") + 1]]
+    assert children[1].start < children[0].end
+    ends = {child.cmd[child.cmd.index("--out-dir") + 1]: child.end for child in children}
+    for child in children:
+        if "--teacher-run" in child.cmd:
+            assert child.start >= ends[child.cmd[child.cmd.index("--teacher-run") + 1]]
+
+
+# ----------------------------------------------------------------------------- runs made otherwise
+def test_a_run_made_with_other_settings_is_named_not_tabulated_and_retrained_on_request(tmp_path, capsys):
+    run = tmp_path / "synthetic_resnet8_baseline_seed0"
+    finished_by_hand(tmp_path, run.name, 61.5, 62.25, ["--dataset", "synthetic", "--arch", "resnet8",
+                                                       "--method", "baseline", "--epochs", "2"])
+    grid = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "--seeds", "0",
+            "--runs-dir", str(tmp_path)]
+    assert compare.main([*grid, "--epochs", "2", "--read-only"]) == 0  # as it was made
+    assert "61.50 (n=1)" in (tmp_path / "table1_synthetic.md").read_text()
+    capsys.readouterr()
+    # Read back as a 1-epoch experiment: listed with the setting that differs, not in the table.
+    assert compare.main([*grid, "--epochs", "1", "--read-only"]) == 1
+    table = (tmp_path / "table1_synthetic.md").read_text()
+    assert "(n=1)" not in table and f"{run}: made with other settings (--epochs: 2 -> 1" in table
+    assert "--retrain-mismatched" in capsys.readouterr().out
+    # Nor as one with another flag after --.
+    assert compare.main([*grid, "--epochs", "2", "--read-only", "--", "--lr", "0.05"]) == 1
+    table = (tmp_path / "table1_synthetic.md").read_text()
+    assert "(n=1)" not in table and f"{run}: made with other settings (--lr: 0.1 -> 0.05)" in table
+    # A sweep refuses before it trains anything, and says how to go on.
+    capsys.readouterr()
+    assert compare.main([*grid, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: --epochs: 2 -> 1" in err and "--runs-dir" in err and "--retrain-mismatched" in err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    # --retrain-mismatched moves it aside and trains it again (one epoch of two steps).
+    assert compare.main([*grid, "--epochs", "1", "--retrain-mismatched", "--", "--device", "cpu"]) == 0
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    assert (run / "summary.json").exists()
+    assert json.loads((tmp_path / f"{run.name}.mismatched-1" / "config.json").read_text())["epochs"] == 2
+    table = (tmp_path / "table1_synthetic.md").read_text()
+    assert "(n=1)" in table and "61.50" not in table
+
+
+def test_an_unfinished_run_made_otherwise_is_not_resumed(tmp_path, capsys):
+    run = tmp_path / "synthetic_resnet8_dkel_seed0"
+    config_by_hand(run, ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1"])
+    (run / "checkpoint.pt").write_bytes(b"")
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "dkel", "--seeds", "0",
+            "--epochs", "2", "--runs-dir", str(tmp_path)]
+    assert compare.main(argv) == 2
+    assert f"{run}: --epochs: 1 -> 2" in capsys.readouterr().err
+    assert compare.main([*argv, "--cell", "0"]) == 2
+    assert f"{run}: --epochs: 1 -> 2" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.json"]  # nothing trained into it
+
+
+# ----------------------------------------------------------------------------- a stop is a stop
+def test_a_sequential_sweep_ends_at_a_terminated_run(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def terminated(argv):  # train.main stopped by SIGTERM: exit code 143
+        calls.append(argv)
+        return 143
+
+    monkeypatch.setattr(compare.train, "main", terminated)
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel", "--seeds", "0",
+            "--runs-dir", str(tmp_path)]
+    assert compare.main(argv) == 143
+    assert len(calls) == 1
+    err = capsys.readouterr().err
+    assert "2 of the 2 runs have not finished" in err
+    assert "python compare.py " + " ".join(argv) in err
+
+
+def test_gpus_pass_a_stop_signal_on_to_their_children(tmp_path, stand_in_children, monkeypatch, capsys):
+    sent = []
+
+    class TerminatedWhileRunning(StandInChild):
+        seconds = 60.0
+
+        def poll(self):  # one SIGTERM (SLURM, kill) arrives while the first two runs train
+            if len(self.started) == 2 and not sent:
+                assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+                sent.append(signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().poll()
+
+    monkeypatch.setattr(compare.subprocess, "Popen", TerminatedWhileRunning)
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
+            "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--gpus", "3", "5"]
+    assert compare.main(argv) == 143
+    children = stand_in_children.started
+    assert len(children) == 2 and all(child.signals == [signal.SIGTERM] for child in children)
+    assert all(child.returncode == 143 for child in children)        # waited for
+    assert "4 of the 4 runs have not finished" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL         # the handler is put back
+
+
+def test_list_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `compare.py --list | head`: the reader has gone
+    with open(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(compare.sys, "stdout", closed_pipe)
+        assert compare.main(["--runs-dir", str(tmp_path), "--list"]) == 128 + signal.SIGPIPE
+        closed_pipe.write("at exit, Python flushes stdout once more\n")
+        closed_pipe.flush()
