@@ -194,12 +194,20 @@ def end_of_epoch(method, totals: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {name: value / dist.get_world_size() for name, value in summed(totals).items()}
 
 
-def evaluation_share(data, split: str = "test"):
-    """This rank's share of the test (or validation) split (contiguous, the shares differ by one
-    image at most); the evaluation sums its correct counts over the ranks (`summed`)."""
+def evaluation_batches(data, batch_size: int, split: str = "test"):
+    """This rank's share of the test (or validation) split in batches (data.test_batches); the
+    evaluation sums the correct counts over the ranks (`summed`). The shares are contiguous and
+    differ by one image at most. A split smaller than the world leaves the last ranks an empty
+    share: each gets one batch of no images, so that it counts zero under every output's name."""
     rank, world = part()
     if world == 1:
-        return data
+        yield from datasets.test_batches(data, batch_size, split)
+        return
     images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-    return replace(data, **{f"{split}_images": images.tensor_split(world)[rank],
-                            f"{split}_labels": labels.tensor_split(world)[rank]})
+    share = replace(data, **{f"{split}_images": images.tensor_split(world)[rank],
+                             f"{split}_labels": labels.tensor_split(world)[rank]})
+    if len(getattr(share, f"{split}_labels")):
+        yield from datasets.test_batches(share, batch_size, split)
+    else:
+        images, labels = next(datasets.test_batches(data, 1, split))
+        yield images[:0], labels[:0]                                   # (0, 3, H, W), (0,)

@@ -132,8 +132,8 @@ def evaluate(method, data, batch_size: int, precision: str, split: str = "test"
     every output of docs/spec.md Sec. 4 (eval-mode BatchNorm)."""
     method.set_mode(False)
     correct: dict[str, torch.Tensor] = {}
-    share = distributed.evaluation_share(data, split)  # torchrun: this rank's part of the split
-    for images, labels in datasets.test_batches(share, batch_size, split):
+    # torchrun: this rank's share of the split
+    for images, labels in distributed.evaluation_batches(data, batch_size, split):
         with autocast(data.device, precision):
             logits = method.eval_logits(images)
         for name, value in logits.items():

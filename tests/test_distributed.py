@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import data as datasets
+import distributed
+import models
 import train
+from methods import DKEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json", "curves.png",
@@ -142,6 +145,29 @@ def test_the_ranks_slices_are_the_one_process_batch(world):
         assert all(p[0].shape == (3, 16 // world, 3, 32, 32) for p in parts)
         assert torch.equal(torch.cat([p[0] for p in parts], dim=1), views)
         assert torch.equal(torch.cat([p[1] for p in parts]), labels)
+
+
+def dkel(seed=0):
+    torch.manual_seed(seed)
+    return DKEL(models.multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
+                init_iters=0, init_lr=0.1)
+
+
+def test_a_rank_whose_share_of_the_split_is_empty_counts_zero_under_every_name(monkeypatch):
+    # One test image and two ranks: rank 0 holds the image, rank 1 nothing; the all-reduce of
+    # `summed` adds the ranks' counts name by name, so rank 1 must count zero under rank 0's names.
+    method = dkel()
+    images, labels = datasets.make_synthetic(1, seed=0)
+    data = datasets.ImageData("synthetic", images, labels, images, labels, (0.5,) * 3, (0.25,) * 3,
+                              num_classes=10)
+    accuracies = []
+    for part in ((0, 1), (0, 2), (1, 2)):  # one process; rank 0 and rank 1 of two
+        monkeypatch.setattr(distributed, "part", lambda: part)
+        accuracies.append(train.evaluate(method, data, 16, "fp32"))
+    single, rank0, rank1 = accuracies
+    assert "acc_teacher_ensemble" in single and rank0.keys() == rank1.keys() == single.keys()
+    assert set(rank1.values()) == {0.0}
+    assert rank0 == single  # the sum over the ranks is one process's count
 
 
 @pytest.mark.usefixtures("small_data")
