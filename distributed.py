@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data as datasets
+from models import sync_batchnorm
 from rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 
 
@@ -149,14 +150,14 @@ class TrainingForward(torch.nn.Module):
 
 def prepare(method, args) -> None:
     """After the start or the resumption, before the first step (nothing for one process): with
-    --sync-bn SyncBatchNorm in every network, rank 0's weights and statistics on every rank (the
-    initialised teacher too), and the training forward under DDP."""
+    --sync-bn synchronised BatchNorm in every network, rank 0's weights and statistics on every
+    rank (the initialised teacher too), and the training forward under DDP."""
     if not dist.is_initialized():
         return
     modules = method.modules()
     if args.sync_bn:  # in place, keeping the parameters: the optimizer and Eq. (5) still hold them
         for module in modules.values():
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            sync_batchnorm(module)  # per-view BatchNorm stays per view (models.ViewSyncBatchNorm2d)
     broadcast(t for module in modules.values() for t in (*module.parameters(), *module.buffers()))
     trained = {name: m for name, m in modules.items() if any(p.requires_grad for p in m.parameters())}
     device = torch.device(args.device)

@@ -1,14 +1,19 @@
 """train.py under torchrun on the CPU (gloo, 2 processes, a tiny synthetic set): one run directory,
 the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, the
 run-directory lock, the world size and the flags that depend on it."""
+import copy
 import csv
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import data as datasets
 import distributed
@@ -168,6 +173,58 @@ def test_a_rank_whose_share_of_the_split_is_empty_counts_zero_under_every_name(m
     assert "acc_teacher_ensemble" in single and rank0.keys() == rank1.keys() == single.keys()
     assert set(rank1.values()) == {0.0}
     assert rank0 == single  # the sum over the ranks is one process's count
+
+
+class StandInSyncBatchNorm:
+    """torch's synchronised batch norm (CUDA only) as it computes with one rank: the statistics of
+    the local batch, which world size 1 makes the global batch. Records every call's batch size."""
+    calls = []
+
+    @staticmethod
+    def apply(images, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
+        StandInSyncBatchNorm.calls.append(len(images))
+        return F.batch_norm(images, running_mean, running_var, weight, bias, True, momentum, eps)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """The gloo process group of a torchrun run with one process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_sync_bn_keeps_each_views_statistics_and_the_parameter_objects(monkeypatch):
+    method = dkel()
+    reference = copy.deepcopy(method.student)  # per-view BatchNorm in one process (test_models.py)
+    tensors = {name: [*m.parameters(), *m.buffers()] for name, m in method.modules().items()}
+    # DDP refuses SyncBatchNorm off the GPU: a stand-in, as this test runs the networks directly.
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda module, **settings: module)
+    distributed.prepare(method, SimpleNamespace(sync_bn=True, device="cpu"))
+    for name, module in method.modules().items():  # what the optimizer and Eq. (5) hold
+        now = [*module.parameters(), *module.buffers()]
+        assert all(a is b for a, b in zip(now, tensors[name], strict=True))
+        trunk_bns = [type(m) for m in module.trunk.modules() if isinstance(m, _BatchNorm)]
+        assert trunk_bns == [models.ViewSyncBatchNorm2d] * 6, name
+        peer_bns = {type(m) for m in module.peers.modules() if isinstance(m, _BatchNorm)}
+        assert peer_bns == {torch.nn.SyncBatchNorm}, name
+    # SyncBatchNorm synchronises on a GPU of a world larger than 1: the stand-in, on the CPU.
+    monkeypatch.setattr(torch.nn.modules.batchnorm, "sync_batch_norm", StandInSyncBatchNorm)
+    monkeypatch.setattr(StandInSyncBatchNorm, "calls", [])
+    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "cpu")  # passes its device check
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    views = torch.randn(3, 4, 3, 32, 32)                                         # (M, B, 3, H, W)
+    student = method.student
+    out = student.run_trunk(views)                                               # (M, B, ...)
+    # M separate passes of one-process BatchNorm, one view each
+    expected = torch.stack([reference.trunk(views[i]) for i in range(3)])        # (M, B, ...)
+    assert StandInSyncBatchNorm.calls == [4] * 3 * 6  # each trunk layer: one synchronised pass per view
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    for (name, a), (_, b) in zip(student.trunk.state_dict().items(), reference.trunk.state_dict().items(),
+                                 strict=True):  # running statistics updated M times, view after view
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
+    assert all(bn.views == 1 for bn in student.trunk.modules() if isinstance(bn, models.ViewSyncBatchNorm2d))
 
 
 @pytest.mark.usefixtures("small_data")
