@@ -1,5 +1,6 @@
 """train.py under torchrun on the CPU (gloo, 2 processes, a tiny synthetic set): one run directory,
-the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, the
+the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, a SIGTERM
+to one rank, an evaluation split smaller than the world, --sync-bn's per-view BatchNorm, the
 run-directory lock, the world size and the flags that depend on it."""
 import copy
 import csv
@@ -28,22 +29,28 @@ FLAGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batc
          "--device", "cpu"]
 
 # The launched train.py: the test's monkeypatch does not reach a subprocess, so this script gives
-# train.py a tiny synthetic set of its own (64 training and 32 test images: 2 steps of 2 x 16
-# images per epoch), saves every rank's networks after every epoch beside the run directory
-# (<out-dir>.rank<r>.epoch<e>.pt) for the test to compare, and with DIE_AT_EPOCH set lets rank 1
-# die at the start of that epoch (0-based), as a killed or crashed process does.
+# train.py a tiny synthetic set of its own (TRAIN_IMAGES, 64 by default, and TEST_IMAGES, 32: 2
+# steps of 2 x 16 images per epoch), saves every rank's networks after every epoch beside the run
+# directory (<out-dir>.rank<r>.epoch<e>.pt) for the test to compare, with DIE_AT_EPOCH set lets
+# rank 1 die at the start of that epoch (0-based), as a killed or crashed process does, and with
+# SIGTERM_AT_STEP set sends rank 1 alone a SIGTERM in its optimizer step of that number (1-based).
+# Each rank writes its exit code to <out-dir>.rank<r>.exit (torchrun's report may show a signal
+# instead for a rank that it stops while that rank's interpreter shuts down).
 WORKER = """
-import os, sys
+import os, signal, sys
 import torch
 sys.path.insert(0, os.environ["PROJECT"])
 import train
 rank, die_at = int(os.environ["RANK"]), int(os.environ.get("DIE_AT_EPOCH", -1))
-real_save, real_weights = train.rundir.save_checkpoint, train.epoch_weights
+sigterm_at = int(os.environ.get("SIGTERM_AT_STEP", -1))
+train_size, test_size = int(os.environ.get("TRAIN_IMAGES", 64)), int(os.environ.get("TEST_IMAGES", 32))
+real_save, real_weights, real_step = train.rundir.save_checkpoint, train.epoch_weights, train.student_step
+steps = []
 
 def tiny(name, data_dir, device, seed=0):
-    images, labels = train.datasets.make_synthetic(96, seed)
-    return train.datasets.ImageData(name, images[:64], labels[:64], images[64:], labels[64:],
-                                    (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10)
+    images, labels = train.datasets.make_synthetic(train_size + test_size, seed)
+    return train.datasets.ImageData(name, images[:train_size], labels[:train_size], images[train_size:],
+                                    labels[train_size:], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10)
 
 def save(out_dir, modules, optimizer, scheduler, state, config):
     nets = {name: module.state_dict() for name, module in modules.items()}
@@ -55,17 +62,32 @@ def weights(args, index):  # called at the start of every epoch
         os._exit(1)
     return real_weights(args, index)
 
+def step(*args):
+    steps.append(len(steps) + 1)
+    if rank == 1 and len(steps) == sigterm_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*args)
+
 train.datasets.load_data, train.rundir.save_checkpoint, train.epoch_weights = tiny, save, weights
-sys.exit(train.main())
+train.student_step = step
+try:
+    code = train.main()
+except SystemExit as stop:  # the ranks other than 0 leave through SystemExit (distributed.session)
+    code = stop.code
+with open(f"{os.environ['OUT_DIR']}.rank{rank}.exit", "w") as f:
+    f.write(str(code))
+sys.exit(code)
 """
 
 
-def torchrun(out_dir, *flags, die_at=None):
+def torchrun(out_dir, *flags, die_at=None, **settings):
     """train.py (through WORKER) on 2 CPU processes; torchrun waits 2 s between its checks of the
-    workers, so that rank 0 has the time to say that rank 1 died before torchrun stops it."""
+    workers, so that rank 0 has the time to say that rank 1 died before torchrun stops it.
+    `settings`: WORKER's other environment variables (SIGTERM_AT_STEP, TRAIN_IMAGES, TEST_IMAGES)."""
     worker = out_dir.parent / "worker.py"
     worker.write_text(WORKER)
-    env = {**os.environ, "PROJECT": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PROJECT": ROOT, "OUT_DIR": str(out_dir), "OMP_NUM_THREADS": "1",
+           **{name: str(value) for name, value in settings.items()}}
     if die_at is not None:
         env["DIE_AT_EPOCH"] = str(die_at)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -132,6 +154,24 @@ def test_a_dead_rank_stops_the_run_and_resume_continues_it_exactly(straight, tmp
     timing = {"epoch_seconds", "images_per_s"}
     assert ([{k: v for k, v in row.items() if k not in timing} for row in read_metrics(reference)]
             == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(out_dir)])
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_continues(tmp_path):
+    # 96 training images in batches of 8 (4 a rank): 12 steps an epoch. Rank 1 alone gets SIGTERM in
+    # step 14, the 2nd of epoch 2; the ranks agree on the stop after step 16 (every 8 steps), so
+    # rank 0, which no signal reached, stops there too. One test image: rank 1's share is empty.
+    out_dir, small = tmp_path / "run", {"TRAIN_IMAGES": 96, "TEST_IMAGES": 1}
+    stopped = torchrun(out_dir, "--batch-size", "8", SIGTERM_AT_STEP=14, **small)
+    assert [(out_dir.parent / f"run.rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"]
+    assert "error: stopped by SIGTERM: the 1 finished epoch(s) are saved" in stopped.stderr  # rank 0's line
+    assert "exitcode  : 143" in stopped.stderr  # torchrun's report names the ranks' code
+    assert stopped.returncode == 1  # torchrun's own code whenever a rank fails
+    assert nets(out_dir / "checkpoint.pt")["epoch"] == 1 and len(read_metrics(out_dir)) == 1
+    resumed = torchrun(out_dir, "--batch-size", "8", "--resume", **small)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = read_metrics(out_dir)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert float(rows[1]["acc_teacher_peer0"]) in (0.0, 100.0)  # one image, counted once
 
 
 @pytest.mark.parametrize("world", [2, 4])
