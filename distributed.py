@@ -19,14 +19,17 @@ processes ("ranks"; N is the world size) train one run together:
   process, and then rank 0's weights are broadcast, so that the ranks start from one teacher to the
   bit whatever their devices' arithmetic; Eq. (5) from identical students keeps it identical.
 - BatchNorm. In training each rank normalises over its own B/N images (so N ranks are not
-  bit-identical to one process), or with --sync-bn over the global batch (SyncBatchNorm; CUDA only).
-  The running statistics are rank 0's, broadcast at the end of every epoch: the evaluation and the
-  checkpoint see one model.
+  bit-identical to one process), or with --sync-bn over the global batch (SyncBatchNorm; CUDA only;
+  the trunk's per-view BatchNorm stays per view: models.ViewSyncBatchNorm2d). The running
+  statistics are rank 0's, broadcast at the end of every epoch: the evaluation and the checkpoint
+  see one model.
 - Logging and evaluation. The epoch's sums are averaged over the ranks in one all-reduce; each rank
-  evaluates its share of the test split and the correct counts are summed.
+  evaluates its share of the test split (an empty one when the split is smaller than N) and the
+  correct counts are summed.
 - Files and messages. Rank 0 alone writes the run directory (rundir.atomic_write), holds its lock
   (rundir.hold_run_dir) and prints. Every rank meets the same stops (bad input, a non-finite mean
-  loss), and the others end with rank 0's exit code without a word.
+  loss, and SIGTERM or SIGINT to any rank, on which the ranks agree: rundir.StopRequests), and the
+  others end with rank 0's exit code without a word.
 - Failures. torchrun stops every rank when one ends with an error, and prints its own report. A
   rank that dies breaks the others' collectives: on the CPU (gloo) rank 0 notices at once and says
   so in one line (exit code 5) before torchrun stops it; with NCCL the collectives wait, so
