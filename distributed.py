@@ -19,14 +19,17 @@ processes ("ranks"; N is the world size) train one run together:
   process, and then rank 0's weights are broadcast, so that the ranks start from one teacher to the
   bit whatever their devices' arithmetic; Eq. (5) from identical students keeps it identical.
 - BatchNorm. In training each rank normalises over its own B/N images (so N ranks are not
-  bit-identical to one process), or with --sync-bn over the global batch (SyncBatchNorm; CUDA only).
-  The running statistics are rank 0's, broadcast at the end of every epoch: the evaluation and the
-  checkpoint see one model.
+  bit-identical to one process), or with --sync-bn over the global batch (SyncBatchNorm; CUDA only;
+  the trunk's per-view BatchNorm stays per view: models.ViewSyncBatchNorm2d). The running
+  statistics are rank 0's, broadcast at the end of every epoch: the evaluation and the checkpoint
+  see one model.
 - Logging and evaluation. The epoch's sums are averaged over the ranks in one all-reduce; each rank
-  evaluates its share of the test split and the correct counts are summed.
+  evaluates its share of the test split (an empty one when the split is smaller than N) and the
+  correct counts are summed.
 - Files and messages. Rank 0 alone writes the run directory (rundir.atomic_write), holds its lock
   (rundir.hold_run_dir) and prints. Every rank meets the same stops (bad input, a non-finite mean
-  loss), and the others end with rank 0's exit code without a word.
+  loss, and SIGTERM or SIGINT to any rank, on which the ranks agree: rundir.StopRequests), and the
+  others end with rank 0's exit code without a word.
 - Failures. torchrun stops every rank when one ends with an error, and prints its own report. A
   rank that dies breaks the others' collectives: on the CPU (gloo) rank 0 notices at once and says
   so in one line (exit code 5) before torchrun stops it; with NCCL the collectives wait, so
@@ -43,6 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data as datasets
+from models import sync_batchnorm
 from rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 
 
@@ -149,14 +153,14 @@ class TrainingForward(torch.nn.Module):
 
 def prepare(method, args) -> None:
     """After the start or the resumption, before the first step (nothing for one process): with
-    --sync-bn SyncBatchNorm in every network, rank 0's weights and statistics on every rank (the
-    initialised teacher too), and the training forward under DDP."""
+    --sync-bn synchronised BatchNorm in every network, rank 0's weights and statistics on every
+    rank (the initialised teacher too), and the training forward under DDP."""
     if not dist.is_initialized():
         return
     modules = method.modules()
     if args.sync_bn:  # in place, keeping the parameters: the optimizer and Eq. (5) still hold them
         for module in modules.values():
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            sync_batchnorm(module)  # per-view BatchNorm stays per view (models.ViewSyncBatchNorm2d)
     broadcast(t for module in modules.values() for t in (*module.parameters(), *module.buffers()))
     trained = {name: m for name, m in modules.items() if any(p.requires_grad for p in m.parameters())}
     device = torch.device(args.device)
@@ -194,12 +198,20 @@ def end_of_epoch(method, totals: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {name: value / dist.get_world_size() for name, value in summed(totals).items()}
 
 
-def evaluation_share(data, split: str = "test"):
-    """This rank's share of the test (or validation) split (contiguous, the shares differ by one
-    image at most); the evaluation sums its correct counts over the ranks (`summed`)."""
+def evaluation_batches(data, batch_size: int, split: str = "test"):
+    """This rank's share of the test (or validation) split in batches (data.test_batches); the
+    evaluation sums the correct counts over the ranks (`summed`). The shares are contiguous and
+    differ by one image at most. A split smaller than the world leaves the last ranks an empty
+    share: each gets one batch of no images, so that it counts zero under every output's name."""
     rank, world = part()
     if world == 1:
-        return data
+        yield from datasets.test_batches(data, batch_size, split)
+        return
     images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-    return replace(data, **{f"{split}_images": images.tensor_split(world)[rank],
-                            f"{split}_labels": labels.tensor_split(world)[rank]})
+    share = replace(data, **{f"{split}_images": images.tensor_split(world)[rank],
+                             f"{split}_labels": labels.tensor_split(world)[rank]})
+    if len(getattr(share, f"{split}_labels")):
+        yield from datasets.test_batches(share, batch_size, split)
+    else:
+        images, labels = next(datasets.test_batches(data, 1, split))
+        yield images[:0], labels[:0]                                   # (0, 3, H, W), (0,)

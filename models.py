@@ -16,13 +16,15 @@ branch; `multi_peer_net(arch, num_classes)` builds one of the paper's architectu
 - the deployable model: the trunk plus one branch, cut out of a trained multi-peer network.
 
 After the network: the per-view BatchNorm of the shared trunk (docs/spec.md Sec. 8), which gives a
-stacked pass of the M views the BatchNorm statistics of M separate passes.
+stacked pass of the M views the BatchNorm statistics of M separate passes (over every process of
+a torchrun run with --sync-bn).
 """
 import copy
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import ARCHS, init_weights
 
@@ -96,7 +98,7 @@ class MultiPeerNet(nn.Module):
 
     def _set_views(self, views: int) -> None:
         for module in self.trunk.modules():
-            if isinstance(module, ViewBatchNorm2d):
+            if isinstance(module, (ViewBatchNorm2d, ViewSyncBatchNorm2d)):
                 module.views = views
 
     def run_peers(self, trunk_out: torch.Tensor, peers: nn.ModuleList | None = None
@@ -206,15 +208,36 @@ class ViewBatchNorm2d(nn.BatchNorm2d):
     the tensor, so MultiPeerNet.run_trunk sets `views` = M for the duration of a stacked pass and
     back to 1 after it; anything else that runs the layer (a (B, 3, H, W) batch for every peer,
     a deployed copy of the trunk) gets ordinary BatchNorm. torch.compile traces the setting.
+    Under torchrun with --sync-bn the layer becomes a ViewSyncBatchNorm2d (`sync_batchnorm`).
     """
     views: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.views == 1 or not (self.training or self.running_mean is None):
             return super().forward(x)
-        batch_norm = super().forward
-        blocks = x.unflatten(0, (self.views, -1)).unbind(0)             # M x (B, C, H, W)
-        return torch.cat([batch_norm(block) for block in blocks])        # (M*B, C, H, W)
+        return per_view(super().forward, x, self.views)
+
+
+class ViewSyncBatchNorm2d(nn.SyncBatchNorm):
+    """ViewBatchNorm2d over the processes of a torchrun run (--sync-bn): SyncBatchNorm's forward runs
+    on each of the M view blocks, so that view m is normalised with the mean and variance of the
+    view-m images of every rank, the global batch's B images as one process has them, and the
+    running statistics get the M updates per step of one process. One synchronisation per view and
+    layer (SyncBatchNorm needs CUDA). `views` is set by MultiPeerNet.run_trunk, as for
+    ViewBatchNorm2d; the state dict is BatchNorm2d's."""
+    views: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.views == 1 or not (self.training or self.running_mean is None):
+            return super().forward(x)
+        return per_view(super().forward, x, self.views)
+
+
+def per_view(batch_norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, views: int
+             ) -> torch.Tensor:
+    """`batch_norm` on each of the `views` contiguous blocks of x, in view order."""
+    blocks = x.unflatten(0, (views, -1)).unbind(0)                     # M x (B, C, H, W)
+    return torch.cat([batch_norm(block) for block in blocks])          # (M*B, C, H, W)
 
 
 def per_view_batchnorm(module: nn.Module) -> None:
@@ -228,6 +251,24 @@ def per_view_batchnorm(module: nn.Module) -> None:
             setattr(module, name, view_bn)
         else:
             per_view_batchnorm(child)
+
+
+def sync_batchnorm(module: nn.Module) -> None:
+    """Synchronise every BatchNorm inside `module` over the ranks (torchrun --sync-bn), in place: a
+    ViewBatchNorm2d becomes a ViewSyncBatchNorm2d (per-view statistics of the global batch), any
+    other BatchNorm a SyncBatchNorm. Each keeps its parameter and buffer objects, which the
+    optimizer and the EMA of Eq. (5) hold, so the state-dict keys stay as well."""
+    for name, child in module.named_children():
+        if isinstance(child, _BatchNorm):
+            kind = ViewSyncBatchNorm2d if isinstance(child, ViewBatchNorm2d) else nn.SyncBatchNorm
+            synced = kind(child.num_features, child.eps, child.momentum, child.affine,
+                          child.track_running_stats)
+            synced.weight, synced.bias = child.weight, child.bias
+            synced.running_mean, synced.running_var = child.running_mean, child.running_var
+            synced.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, synced.train(child.training))
+        else:
+            sync_batchnorm(child)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -53,11 +53,23 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
 
 
+# Under torchrun the ranks agree on a stop after every AGREE_EVERY-th optimizer step (StopRequests).
+AGREE_EVERY = 8
+
+
 class StopRequests:
     """SIGTERM and SIGINT ask a run to stop at the end of the current optimizer step rather than
     kill it: the loop calls `check`, which raises RunStopped (exit 143 or 130) with the resume
     command. Every finished epoch is already in the checkpoint. A second signal of the same kind
-    stops at once. Used as a context manager around a run (main thread only)."""
+    stops at once, with the same exit code (StoppedAtOnce). Used as a context manager around a run
+    (main thread only).
+
+    Under torchrun the signal may reach one rank, or the ranks at different steps, and a rank that
+    stopped alone would leave the others waiting in a collective. So the ranks stop together: after
+    every AGREE_EVERY-th step and at the end of each epoch, every rank (the same step numbers on
+    each) takes part in one all-reduce of the signal it received, and all stop if any received one.
+    That is one host sync every AGREE_EVERY steps; one process checks after every step and syncs
+    nothing."""
 
     def __init__(self):
         self.received, self.previous = None, {}
@@ -75,15 +87,42 @@ class StopRequests:
 
     def _handle(self, number: int, frame) -> None:
         if self.received == number:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(number)
         self.received = number
 
-    def check(self, out_dir: str, epochs_done: int) -> None:
-        if self.received is not None:
-            name = signal.Signals(self.received).name
-            code = EXIT_TERMINATED if self.received == signal.SIGTERM else EXIT_INTERRUPTED
-            raise RunStopped(f"stopped by {name}: the {epochs_done} finished epoch(s) are saved in "
-                             f"{out_dir}; continue with the same command plus --resume", code)
+    def check(self, out_dir: str, epochs_done: int, step: int | None = None) -> None:
+        """After the optimizer step number `step` (1-based), or at the end of an epoch (None)."""
+        received = self.received
+        if dist.is_initialized():
+            if step is not None and step % AGREE_EVERY:
+                return
+            received = agreed_signal(received)
+        if received is not None:
+            raise RunStopped(f"stopped by {signal.Signals(received).name}: the {epochs_done} finished "
+                             f"epoch(s) are saved in {out_dir}; continue with the same command plus "
+                             f"--resume", exit_code_of(received))
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGTERM or SIGINT: the run ends where it is, with that signal's exit code. A
+    KeyboardInterrupt, as Ctrl-C, so that no `except Exception` on its way holds it up."""
+
+    def __init__(self, number: int):
+        super().__init__(f"stopped at once by a second {signal.Signals(number).name}")
+        self.exit_code = exit_code_of(number)
+
+
+def exit_code_of(number: int) -> int:
+    return EXIT_TERMINATED if number == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def agreed_signal(received: int | None) -> int | None:
+    """The signal that any rank received (SIGTERM over SIGINT: 15 > 2), in one all-reduce (MAX) of
+    its number on the collective's device (NCCL's: this rank's GPU)."""
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    number = torch.tensor(received or 0, device=device)
+    dist.all_reduce(number, dist.ReduceOp.MAX)
+    return int(number.item()) or None
 
 
 def prepare(out_dir: str, resume: bool) -> None:

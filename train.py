@@ -72,9 +72,10 @@ def train(args) -> dict:
             loss, parts = student_step(method, optimizer, views, labels, weights, args.precision)
             # Eq. (5): the teacher follows the student after every optimizer step.
             method.after_step(state["step"])
-            STOP.check(args.out_dir, epoch)  # SIGTERM / SIGINT: the finished epochs are saved
             state["step"] += 1
             add_to(totals, {"loss": loss.detach(), **parts})
+            # SIGTERM / SIGINT: the finished epochs are saved (torchrun: every rank at one step).
+            STOP.check(args.out_dir, epoch, state["step"])
         # The epoch's one host-device sync: the logged means (torchrun: over every rank).
         means = report.epoch_means(distributed.end_of_epoch(method, totals), num_batches)
         seconds = time.perf_counter() - start
@@ -132,8 +133,8 @@ def evaluate(method, data, batch_size: int, precision: str, split: str = "test"
     every output of docs/spec.md Sec. 4 (eval-mode BatchNorm)."""
     method.set_mode(False)
     correct: dict[str, torch.Tensor] = {}
-    share = distributed.evaluation_share(data, split)  # torchrun: this rank's part of the split
-    for images, labels in datasets.test_batches(share, batch_size, split):
+    # torchrun: this rank's share of the split
+    for images, labels in distributed.evaluation_batches(data, batch_size, split):
         with autocast(data.device, precision):
             logits = method.eval_logits(images)
         for name, value in logits.items():
@@ -219,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     except rundir.RunStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished epoch is saved in {args.out_dir}; continue with the "
-              f"same command plus --resume", file=sys.stderr)
-        return rundir.EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:  # Ctrl-C before STOP holds the signals, or a second signal
+        print(f"\n{str(stop) or 'interrupted'}: every finished epoch is saved in {args.out_dir}; "
+              f"continue with the same command plus --resume", file=sys.stderr)
+        return getattr(stop, "exit_code", rundir.EXIT_INTERRUPTED)
     return 0
 
 

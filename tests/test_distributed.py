@@ -1,17 +1,26 @@
 """train.py under torchrun on the CPU (gloo, 2 processes, a tiny synthetic set): one run directory,
-the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, the
+the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, a SIGTERM
+to one rank, an evaluation split smaller than the world, --sync-bn's per-view BatchNorm, the
 run-directory lock, the world size and the flags that depend on it."""
+import copy
 import csv
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import data as datasets
+import distributed
+import models
 import train
+from methods import DKEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json", "curves.png",
@@ -20,22 +29,28 @@ FLAGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batc
          "--device", "cpu"]
 
 # The launched train.py: the test's monkeypatch does not reach a subprocess, so this script gives
-# train.py a tiny synthetic set of its own (64 training and 32 test images: 2 steps of 2 x 16
-# images per epoch), saves every rank's networks after every epoch beside the run directory
-# (<out-dir>.rank<r>.epoch<e>.pt) for the test to compare, and with DIE_AT_EPOCH set lets rank 1
-# die at the start of that epoch (0-based), as a killed or crashed process does.
+# train.py a tiny synthetic set of its own (TRAIN_IMAGES, 64 by default, and TEST_IMAGES, 32: 2
+# steps of 2 x 16 images per epoch), saves every rank's networks after every epoch beside the run
+# directory (<out-dir>.rank<r>.epoch<e>.pt) for the test to compare, with DIE_AT_EPOCH set lets
+# rank 1 die at the start of that epoch (0-based), as a killed or crashed process does, and with
+# SIGTERM_AT_STEP set sends rank 1 alone a SIGTERM in its optimizer step of that number (1-based).
+# Each rank writes its exit code to <out-dir>.rank<r>.exit (torchrun's report may show a signal
+# instead for a rank that it stops while that rank's interpreter shuts down).
 WORKER = """
-import os, sys
+import os, signal, sys
 import torch
 sys.path.insert(0, os.environ["PROJECT"])
 import train
 rank, die_at = int(os.environ["RANK"]), int(os.environ.get("DIE_AT_EPOCH", -1))
-real_save, real_weights = train.rundir.save_checkpoint, train.epoch_weights
+sigterm_at = int(os.environ.get("SIGTERM_AT_STEP", -1))
+train_size, test_size = int(os.environ.get("TRAIN_IMAGES", 64)), int(os.environ.get("TEST_IMAGES", 32))
+real_save, real_weights, real_step = train.rundir.save_checkpoint, train.epoch_weights, train.student_step
+steps = []
 
 def tiny(name, data_dir, device, seed=0):
-    images, labels = train.datasets.make_synthetic(96, seed)
-    return train.datasets.ImageData(name, images[:64], labels[:64], images[64:], labels[64:],
-                                    (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10)
+    images, labels = train.datasets.make_synthetic(train_size + test_size, seed)
+    return train.datasets.ImageData(name, images[:train_size], labels[:train_size], images[train_size:],
+                                    labels[train_size:], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10)
 
 def save(out_dir, modules, optimizer, scheduler, state, config):
     nets = {name: module.state_dict() for name, module in modules.items()}
@@ -47,17 +62,32 @@ def weights(args, index):  # called at the start of every epoch
         os._exit(1)
     return real_weights(args, index)
 
+def step(*args):
+    steps.append(len(steps) + 1)
+    if rank == 1 and len(steps) == sigterm_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*args)
+
 train.datasets.load_data, train.rundir.save_checkpoint, train.epoch_weights = tiny, save, weights
-sys.exit(train.main())
+train.student_step = step
+try:
+    code = train.main()
+except SystemExit as stop:  # the ranks other than 0 leave through SystemExit (distributed.session)
+    code = stop.code
+with open(f"{os.environ['OUT_DIR']}.rank{rank}.exit", "w") as f:
+    f.write(str(code))
+sys.exit(code)
 """
 
 
-def torchrun(out_dir, *flags, die_at=None):
+def torchrun(out_dir, *flags, die_at=None, **settings):
     """train.py (through WORKER) on 2 CPU processes; torchrun waits 2 s between its checks of the
-    workers, so that rank 0 has the time to say that rank 1 died before torchrun stops it."""
+    workers, so that rank 0 has the time to say that rank 1 died before torchrun stops it.
+    `settings`: WORKER's other environment variables (SIGTERM_AT_STEP, TRAIN_IMAGES, TEST_IMAGES)."""
     worker = out_dir.parent / "worker.py"
     worker.write_text(WORKER)
-    env = {**os.environ, "PROJECT": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PROJECT": ROOT, "OUT_DIR": str(out_dir), "OMP_NUM_THREADS": "1",
+           **{name: str(value) for name, value in settings.items()}}
     if die_at is not None:
         env["DIE_AT_EPOCH"] = str(die_at)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -126,6 +156,24 @@ def test_a_dead_rank_stops_the_run_and_resume_continues_it_exactly(straight, tmp
             == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(out_dir)])
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_continues(tmp_path):
+    # 96 training images in batches of 8 (4 a rank): 12 steps an epoch. Rank 1 alone gets SIGTERM in
+    # step 14, the 2nd of epoch 2; the ranks agree on the stop after step 16 (every 8 steps), so
+    # rank 0, which no signal reached, stops there too. One test image: rank 1's share is empty.
+    out_dir, small = tmp_path / "run", {"TRAIN_IMAGES": 96, "TEST_IMAGES": 1}
+    stopped = torchrun(out_dir, "--batch-size", "8", SIGTERM_AT_STEP=14, **small)
+    assert [(out_dir.parent / f"run.rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"]
+    assert "error: stopped by SIGTERM: the 1 finished epoch(s) are saved" in stopped.stderr  # rank 0's line
+    assert "exitcode  : 143" in stopped.stderr  # torchrun's report names the ranks' code
+    assert stopped.returncode == 1  # torchrun's own code whenever a rank fails
+    assert nets(out_dir / "checkpoint.pt")["epoch"] == 1 and len(read_metrics(out_dir)) == 1
+    resumed = torchrun(out_dir, "--batch-size", "8", "--resume", **small)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = read_metrics(out_dir)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert float(rows[1]["acc_teacher_peer0"]) in (0.0, 100.0)  # one image, counted once
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_the_ranks_slices_are_the_one_process_batch(world):
     images, labels = datasets.make_synthetic(52, seed=0)  # 3 batches of 16, the last 4 images dropped
@@ -142,6 +190,81 @@ def test_the_ranks_slices_are_the_one_process_batch(world):
         assert all(p[0].shape == (3, 16 // world, 3, 32, 32) for p in parts)
         assert torch.equal(torch.cat([p[0] for p in parts], dim=1), views)
         assert torch.equal(torch.cat([p[1] for p in parts]), labels)
+
+
+def dkel(seed=0):
+    torch.manual_seed(seed)
+    return DKEL(models.multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
+                init_iters=0, init_lr=0.1)
+
+
+def test_a_rank_whose_share_of_the_split_is_empty_counts_zero_under_every_name(monkeypatch):
+    # One test image and two ranks: rank 0 holds the image, rank 1 nothing; the all-reduce of
+    # `summed` adds the ranks' counts name by name, so rank 1 must count zero under rank 0's names.
+    method = dkel()
+    images, labels = datasets.make_synthetic(1, seed=0)
+    data = datasets.ImageData("synthetic", images, labels, images, labels, (0.5,) * 3, (0.25,) * 3,
+                              num_classes=10)
+    accuracies = []
+    for part in ((0, 1), (0, 2), (1, 2)):  # one process; rank 0 and rank 1 of two
+        monkeypatch.setattr(distributed, "part", lambda: part)
+        accuracies.append(train.evaluate(method, data, 16, "fp32"))
+    single, rank0, rank1 = accuracies
+    assert "acc_teacher_ensemble" in single and rank0.keys() == rank1.keys() == single.keys()
+    assert set(rank1.values()) == {0.0}
+    assert rank0 == single  # the sum over the ranks is one process's count
+
+
+class StandInSyncBatchNorm:
+    """torch's synchronised batch norm (CUDA only) as it computes with one rank: the statistics of
+    the local batch, which world size 1 makes the global batch. Records every call's batch size."""
+    calls = []
+
+    @staticmethod
+    def apply(images, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
+        StandInSyncBatchNorm.calls.append(len(images))
+        return F.batch_norm(images, running_mean, running_var, weight, bias, True, momentum, eps)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """The gloo process group of a torchrun run with one process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_sync_bn_keeps_each_views_statistics_and_the_parameter_objects(monkeypatch):
+    method = dkel()
+    reference = copy.deepcopy(method.student)  # per-view BatchNorm in one process (test_models.py)
+    tensors = {name: [*m.parameters(), *m.buffers()] for name, m in method.modules().items()}
+    # DDP refuses SyncBatchNorm off the GPU: a stand-in, as this test runs the networks directly.
+    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda module, **settings: module)
+    distributed.prepare(method, SimpleNamespace(sync_bn=True, device="cpu"))
+    for name, module in method.modules().items():  # what the optimizer and Eq. (5) hold
+        now = [*module.parameters(), *module.buffers()]
+        assert all(a is b for a, b in zip(now, tensors[name], strict=True))
+        trunk_bns = [type(m) for m in module.trunk.modules() if isinstance(m, _BatchNorm)]
+        assert trunk_bns == [models.ViewSyncBatchNorm2d] * 6, name
+        peer_bns = {type(m) for m in module.peers.modules() if isinstance(m, _BatchNorm)}
+        assert peer_bns == {torch.nn.SyncBatchNorm}, name
+    # SyncBatchNorm synchronises on a GPU of a world larger than 1: the stand-in, on the CPU.
+    monkeypatch.setattr(torch.nn.modules.batchnorm, "sync_batch_norm", StandInSyncBatchNorm)
+    monkeypatch.setattr(StandInSyncBatchNorm, "calls", [])
+    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "cpu")  # passes its device check
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    views = torch.randn(3, 4, 3, 32, 32)                                         # (M, B, 3, H, W)
+    student = method.student
+    out = student.run_trunk(views)                                               # (M, B, ...)
+    # M separate passes of one-process BatchNorm, one view each
+    expected = torch.stack([reference.trunk(views[i]) for i in range(3)])        # (M, B, ...)
+    assert StandInSyncBatchNorm.calls == [4] * 3 * 6  # each trunk layer: one synchronised pass per view
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    for (name, a), (_, b) in zip(student.trunk.state_dict().items(), reference.trunk.state_dict().items(),
+                                 strict=True):  # running statistics updated M times, view after view
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
+    assert all(bn.views == 1 for bn in student.trunk.modules() if isinstance(bn, models.ViewSyncBatchNorm2d))
 
 
 @pytest.mark.usefixtures("small_data")

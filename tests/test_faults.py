@@ -115,6 +115,24 @@ def test_sigterm_stops_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_pat
     assert metrics(stopped) == metrics(straight)
 
 
+def test_a_second_sigterm_stops_at_once_with_its_own_code(tmp_path, monkeypatch, capsys):
+    real_step, steps = train.student_step, []
+
+    def terminated_twice(*step_args):
+        steps.append(len(steps))
+        if len(steps) == 2:  # the first asks for a stop after the step, the second stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*step_args)
+
+    monkeypatch.setattr(train, "student_step", terminated_twice)
+    assert train.main(args_for(tmp_path)) == rundir.EXIT_TERMINATED == 143  # not 130, Ctrl-C's
+    assert len(steps) == 2 and not (tmp_path / "checkpoint.pt").exists()  # at once, in step 2
+    err = capsys.readouterr().err
+    assert "stopped at once by a second SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_failing_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch, capsys):
     straight, failed = tmp_path / "straight", tmp_path / "failed"
     assert train.main(args_for(straight, "--epochs", "3")) == 0
