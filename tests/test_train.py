@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data as datasets
+import report
 import rundir
 import train
 from conftest import fake_finished_run, tiny_data
@@ -135,7 +136,7 @@ def test_a_failure_to_draw_the_curves_never_stops_a_run(tmp_path, monkeypatch, c
     def broken(path, history):
         raise RuntimeError("no backend")
 
-    monkeypatch.setattr(rundir, "draw_curves", broken)
+    monkeypatch.setattr(report, "draw_curves", broken)
     assert train.main(args_for(tmp_path, "--method", "baseline", "--epochs", "1")) == 0
     assert "curves.png not drawn (RuntimeError: no backend)" in capsys.readouterr().err
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "curves.png").exists()
