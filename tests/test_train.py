@@ -9,7 +9,6 @@ import torch
 
 import data as datasets
 import report
-import rundir
 import train
 from conftest import fake_finished_run, tiny_data
 from methods import DKEL
