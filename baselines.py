@@ -23,6 +23,7 @@ distillation term is scaled by lambda * r(ep) (PCL's weight and ramp-up, docs/sp
 DML's, which has no ramp-up.
 """
 import json
+import math
 import os
 from typing import NamedTuple
 
@@ -385,9 +386,9 @@ class OKDDip(SharedTrunkMethod):
 
 class KD(PeerMethod):
     """Offline KD: one plain network learns from a frozen teacher, the deployed model of a
-    finished run (`load_teacher`: any architecture; classes and image size must match). The teacher
-    is not one of `modules()`: it is neither trained nor checkpointed (a resumed run reloads it
-    from `teacher_run`), and it stays in eval mode throughout."""
+    finished run (`load_teacher`: any architecture; classes, image size and data set must match).
+    The teacher is not one of `modules()`: it is neither trained nor checkpointed (a resumed run
+    reloads it from `teacher_run`), and it stays in eval mode throughout."""
     label = "KD"
     min_peers = 1             # one network whatever --num-peers says
 
@@ -415,12 +416,12 @@ class KD(PeerMethod):
         self.teacher.eval()   # frozen: eval-mode BatchNorm, its running statistics never move
 
 
-def load_teacher(teacher_run: str | None, num_classes: int, image_size: int) -> torch.nn.Module:
+def load_teacher(teacher_run: str | None, data) -> torch.nn.Module:
     """Offline KD's teacher (Table 2): the deployed model of the finished train.py run
-    `teacher_run`, its architecture, classes and image size read from that run's summary.json,
-    frozen (no parameter requires a gradient) and in eval mode. Refused with one line (MethodError;
-    train.py exits with code 2) when missing, unfinished, unreadable, or made for other classes or
-    another image size."""
+    `teacher_run`, its architecture, classes, image size and data set read from that run's
+    summary.json, frozen (no parameter requires a gradient) and in eval mode. Refused with one line
+    (MethodError; train.py exits with code 2) when missing, unfinished, unreadable, or made for
+    other classes, another image size or another data set than `data` (data.ImageData)."""
     def refuse(why: str) -> MethodError:
         return MethodError(f"--teacher-run {teacher_run}: {why} (offline KD, Table 2)")
 
@@ -438,7 +439,25 @@ def load_teacher(teacher_run: str | None, num_classes: int, image_size: int) -> 
         teacher.load_state_dict(state)
     except Exception as error:  # any unreadable file or mismatched state dict is a broken run to the user
         raise refuse(f"cannot load its deployed model ({type(error).__name__})") from None
-    if (deployed["num_classes"], size) != (num_classes, image_size):
+    image_size = data.image_shape[-1]
+    if (deployed["num_classes"], size) != (data.num_classes, image_size):
         raise refuse(f"its model has {deployed['num_classes']} classes and {size}x{size} images, "
-                     f"this run {num_classes} and {image_size}x{image_size}")
+                     f"this run {data.num_classes} and {image_size}x{image_size}")
+    # Runs written before summary.json recorded the data set: accepted, as the image size above.
+    if "dataset" in deployed and not same_data_set(deployed, data):
+        theirs = described(deployed["dataset"], deployed["mean"], deployed["std"])
+        raise refuse(f"its model was trained on {theirs}, this run is on "
+                     f"{described(data.name, data.mean, data.std)}")
     return teacher.requires_grad_(False).eval()
+
+
+def same_data_set(deployed: dict, data) -> bool:
+    """The teacher's inputs are this run's: the same data set, normalised by the same mean and std."""
+    recorded = [*deployed["mean"], *deployed["std"]]
+    return deployed["dataset"] == data.name and all(
+        math.isclose(a, b, rel_tol=1e-6) for a, b in zip(recorded, [*data.mean, *data.std]))
+
+
+def described(name: str, mean, std) -> str:
+    """A data set and its normalisation, for a one-line refusal."""
+    return f"{name} (mean {' '.join(f'{v:.4g}' for v in mean)}, std {' '.join(f'{v:.4g}' for v in std)})"

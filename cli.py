@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-dir", default="./data", help="where the data set is, or is downloaded to")
     a("--out-dir", default=None,
       help="run directory (default: runs/<dataset>_<arch>_<method>_seed<seed>)")
-    a("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    a("--resume", action="store_true",
+      help="continue the run in --out-dir from its checkpoint; a run stopped in its first epoch "
+           "starts again (docs/training.md, Resume)")
     a("--eval-every", type=int, default=1,
       help="evaluate on the test split every N epochs (and always after the last)")
     a("--precision", default="auto", choices=("auto", "bf16", "fp32"),

@@ -26,7 +26,7 @@ processes ("ranks"; N is the world size) train one run together:
 - Logging and evaluation. The epoch's sums are averaged over the ranks in one all-reduce; each rank
   evaluates its share of the test split (an empty one when the split is smaller than N) and the
   correct counts are summed.
-- Files and messages. Rank 0 alone writes the run directory (rundir.atomic_write), holds its lock
+- Files and messages. Rank 0 alone writes the run directory (rundir.writes_files), holds its lock
   (rundir.hold_run_dir) and prints. Every rank meets the same stops (bad input, a non-finite mean
   loss, and SIGTERM or SIGINT to any rank, on which the ranks agree: rundir.StopRequests), and the
   others end with rank 0's exit code without a word.

@@ -136,15 +136,18 @@ def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float,
 
 
 def ema_lag_warning(ema_decay: float, steps_per_epoch: int, epochs: int) -> str | None:
-    """A warning when a run is too short for its EMA teacher: the teacher of Eq. (5) averages the
-    student over about 1 / (1 - alpha) steps, and a run of fewer than 20 such time constants ends
-    with a teacher that still lags the student. None when the run is long enough."""
+    """A warning when a run is too short for its EMA teacher, None otherwise.
+
+    By Eq. (5), after S steps the teacher still holds alpha^S = exp(-S / tau) of its starting
+    weights, tau = 1 / (1 - alpha) being its time constant, the number of steps by which it lags the
+    student. The rule: warn when the time constant is longer than the whole run (tau > S), so that
+    more than e^-1 = 37% of the final teacher, the deployed model, is still its start. The suggested
+    alpha is the largest of four decimals that the rule accepts."""
     steps = steps_per_epoch * epochs
-    if ema_decay >= 1.0 or steps >= 20 / (1.0 - ema_decay):
+    if steps * (1.0 - ema_decay) > 1.0 - 1e-9:  # tau <= S, up to the rounding of alpha's decimals
         return None
-    # The paper's lag: 1 / (1 - 0.999) = 1,000 steps, 1000 / 391 = 2.6 epochs of CIFAR at batch 128.
-    paper_lag_epochs = 1000 / 391
-    fitting = math.floor((1.0 - 1.0 / (paper_lag_epochs * steps_per_epoch)) * 1e4) / 1e4
-    return (f"the teacher will lag: its EMA time constant 1/(1 - {ema_decay}) is {1 / (1 - ema_decay):,.0f} "
-            f"optimizer steps and this run has {steps:,}; --ema-decay {fitting:g} gives the paper's lag "
-            f"of {paper_lag_epochs:.1f} epochs at {steps_per_epoch} steps per epoch")
+    time_constant = math.inf if ema_decay == 1.0 else 1.0 / (1.0 - ema_decay)
+    fitting = math.floor(1e4 * (steps - 1) / steps) / 1e4  # 1 - 1/S, rounded down
+    return (f"the teacher will lag: its EMA time constant 1/(1 - {ema_decay}) is {time_constant:,.0f} "
+            f"optimizer steps, longer than this run's {steps:,}, so {ema_decay ** steps:.0%} of the final "
+            f"teacher is still its starting weights; --ema-decay {fitting:g} or lower fits the run")

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from rundir import atomic_save, atomic_write, write_json
+from rundir import atomic_save, atomic_write, write_json, writes_files
 
 
 def validation_choice(history: list[dict], keys: list[str]) -> tuple[float, int, str]:
@@ -17,25 +17,33 @@ def validation_choice(history: list[dict], keys: list[str]) -> tuple[float, int,
     return value, -negative_epoch, key
 
 
-def keep_if_best(out_dir: str, method, row: dict, history: list[dict]) -> None:
-    """With a validation split, deployable.pt follows the validation choice during training: the
-    weights of the chosen epoch exist only at that epoch."""
-    _, epoch, key = validation_choice(history + [row], method.deployed_keys())
+def keep_if_best(method, row: dict, state: dict) -> None:
+    """With a validation split the deployed model follows the validation choice during training:
+    the weights of the chosen epoch exist only at that epoch, so they join the run's state and are
+    saved with that epoch's checkpoint; deployable.pt is exported from there (`export_deployable`),
+    so that it never holds an epoch that no checkpoint and no summary names."""
+    _, epoch, key = validation_choice(state["history"] + [row], method.deployed_keys())
     if epoch == row["epoch"]:
-        atomic_save(method.deployable(key).state_dict(), os.path.join(out_dir, "deployable.pt"))
+        state["deployable"] = {"output": key, "epoch": epoch, "weights": method.deployable(key).state_dict()}
 
 
-def write_summary(args: argparse.Namespace, method, num_classes: int, history: list[dict],
-                  image_size: int) -> dict:
-    """summary.json (and, without a validation split, deployable.pt); the image size is recorded
-    for offline KD, which refuses a teacher made for another size.
+def export_deployable(out_dir: str, state: dict) -> None:
+    """deployable.pt from the checkpointed choice (--val-size), after the checkpoint is written."""
+    if "deployable" in state:
+        atomic_save(state["deployable"]["weights"], os.path.join(out_dir, "deployable.pt"))
+
+
+def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
+    """summary.json and deployable.pt; the data set (with its normalisation) and the image size are
+    recorded for offline KD, which refuses a teacher made on another data set or for another size.
 
     The deployed model is chosen without looking at the test split: with --val-size, the output
     and epoch of the best validation accuracy, reported with its test accuracy; without, no
     selection at all: peer 0 at the final epoch. Beside it: the final-epoch mean over the deployed
     outputs (docs/spec.md Sec. 4) and the paper's convention, the best deployed output at its best
     epoch, which is selected on the test split and labelled so."""
-    final, keys = history[-1], method.deployed_keys()
+    history, keys = state["history"], method.deployed_keys()
+    final = history[-1]
     evaluated = [row for row in history if "acc_deployed_mean" in row]
     best_value, best_epoch, best_key = max((row[f"acc_{k}"], row["epoch"], k)
                                            for row in evaluated for k in keys)
@@ -44,6 +52,7 @@ def write_summary(args: argparse.Namespace, method, num_classes: int, history: l
         test_value = next(row for row in history if row["epoch"] == epoch)[f"acc_{key}"]
         selection = {"on": "validation split", "output": key, "epoch": epoch, "val_acc": val_value,
                      "test_acc": test_value}
+        export_deployable(args.out_dir, state)  # the same choice, from the last checkpoint
     else:
         key = keys[0]
         atomic_save(method.deployable(key).state_dict(), os.path.join(args.out_dir, "deployable.pt"))
@@ -59,8 +68,9 @@ def write_summary(args: argparse.Namespace, method, num_classes: int, history: l
         "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch, "output": best_key,
                                                   "selected_on": "test split"},
         "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"], "arch": args.arch,
-                       "num_classes": num_classes, "image_size": image_size,
-                       "load": "models.build_deployable(arch, num_classes)"},
+                       "num_classes": data.num_classes, "image_size": data.image_shape[-1],
+                       "dataset": data.name, "mean": list(data.mean), "std": list(data.std),
+                       "load": "models.build_deployable(arch, num_classes); inputs normalised by mean, std"},
         "train_seconds": sum(row["epoch_seconds"] for row in history),
     }
     write_json(summary, os.path.join(args.out_dir, "summary.json"))
@@ -148,7 +158,9 @@ def draw_curves(path: str, history: list[dict]) -> None:
 
 def plot_curves(out_dir: str, history: list[dict]) -> None:
     """Refresh curves.png in the run directory. A picture is a convenience: a failure to draw is
-    reported on one line and never stops the run."""
+    reported on one line and never stops the run. Rank 0 alone draws it (`writes_files`)."""
+    if not writes_files():
+        return
     try:
         draw_curves(os.path.join(out_dir, "curves.png"), history)
     except Exception as error:  # matplotlib missing or broken, a full disk: the run goes on

@@ -2,11 +2,14 @@
 (and, written through here by report.py, curves.png, deployable.pt and summary.json); the lock,
 the stop signals and the process exit codes.
 
-Every file is written to a temporary name beside its final one and renamed, so a run killed at
-any moment leaves the previous version whole. The checkpoint holds every module, the
-optimizer, the schedule, the RNG state and the metrics history: `--resume` continues a run
-exactly where its last finished epoch left it. Under torchrun rank 0 alone writes (the other ranks
-hold the same state, distributed.py), and while a run trains, its process holds the directory's lock.
+Every file is written to a temporary name beside its final one, synced to the disk and renamed,
+so a run killed at any moment, or a machine that loses power, leaves the previous version whole.
+The checkpoint holds every module, the optimizer, the schedule, the RNG state, the metrics
+history and the deployed model chosen so far: `--resume` continues a run exactly where its last
+finished epoch left it, and a run stopped before its first epoch ended starts again from the
+beginning (`resumes`). Under torchrun rank 0 alone builds and writes the files (`writes_files`;
+the other ranks hold the same state, distributed.py), and while a run trains, its process holds
+the directory's lock.
 """
 import argparse
 import contextlib
@@ -16,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 
 import torch
@@ -98,9 +102,8 @@ class StopRequests:
                 return
             received = agreed_signal(received)
         if received is not None:
-            raise RunStopped(f"stopped by {signal.Signals(received).name}: the {epochs_done} finished "
-                             f"epoch(s) are saved in {out_dir}; continue with the same command plus "
-                             f"--resume", exit_code_of(received))
+            raise RunStopped(f"stopped by {signal.Signals(received).name}: "
+                             f"{saved_so_far(out_dir, epochs_done)}", exit_code_of(received))
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -125,12 +128,27 @@ def agreed_signal(received: int | None) -> int | None:
     return int(number.item()) or None
 
 
+def saved_so_far(out_dir: str, epochs_done: int) -> str:
+    """What a stopped run has kept and how to go on: --resume continues it, and starts it again when
+    it stopped in its first epoch (`resumes`)."""
+    if epochs_done == 0:
+        return (f"no epoch was finished, so nothing is saved in {out_dir}; the same command, with or "
+                f"without --resume, starts the run again")
+    return (f"the {epochs_done} finished epoch(s) are saved in {out_dir}; continue with the same "
+            f"command plus --resume")
+
+
+def has_checkpoint(out_dir: str) -> bool:
+    return os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
+
+
 def prepare(out_dir: str, resume: bool) -> None:
-    """Refuse (exit 2) a run directory without a checkpoint (with --resume) or one that cannot be
-    created or written; one that already holds a run is refused under the lock (`_locked`)."""
-    if resume and not os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
-        raise RunStopped(f"--resume: no checkpoint in {out_dir}; run without --resume to start it",
-                         EXIT_BAD_INPUT)
+    """Refuse (exit 2) a run directory that cannot be created or written, and, with --resume, one
+    that train.py was never started on (no checkpoint and no `.lock`: a mistyped --out-dir); one
+    that already holds a run is refused under the lock (`_locked`)."""
+    if resume and not has_checkpoint(out_dir) and not os.path.exists(os.path.join(out_dir, ".lock")):
+        raise RunStopped(f"--resume: no run was ever started in {out_dir} (no checkpoint.pt, no .lock); "
+                         f"check --out-dir, or run without --resume to start it", EXIT_BAD_INPUT)
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".write_test")
@@ -149,49 +167,56 @@ def hold_run_dir(out_dir: str, resume: bool):
     relaunches, an array task started twice) never train into one directory at once; the second
     gets one line and exit code 2. The lock is `fcntl.flock` on `out_dir/.lock`, which the operating
     system releases when its process ends, however it ends: the file left by a killed run blocks
-    nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all; a new
-    directory that a refusal (exit 2) leaves holding nothing but its lock is removed again."""
+    nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all. A new
+    directory that a refusal (exit 2) leaves holding nothing but its lock is removed again, by the
+    process that holds the lock only: one refused because another process holds it removes nothing."""
     created = not os.path.isdir(out_dir)
     prepare(out_dir, resume)
-    try:
-        with _locked(out_dir, resume):
-            yield
-    except RunStopped as stop:
-        if created and stop.exit_code == EXIT_BAD_INPUT and os.listdir(out_dir) == [".lock"]:
-            os.remove(os.path.join(out_dir, ".lock"))
-            os.rmdir(out_dir)
-        raise
+    with _locked(out_dir, resume, created):
+        yield
 
 
 @contextlib.contextmanager
-def _locked(out_dir: str, resume: bool):
+def _locked(out_dir: str, resume: bool, created: bool):
     with open(os.path.join(out_dir, ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunStopped(f"another process is training into {out_dir} (it holds {lock.name}); wait "
                              f"for it to end or choose another --out-dir", EXIT_BAD_INPUT) from None
-        if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
-            raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, or choose "
-                             f"another --out-dir", EXIT_BAD_INPUT)
-        yield  # closing the file releases the lock
+        try:
+            if not resume and has_checkpoint(out_dir):
+                raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, or choose "
+                                 f"another --out-dir", EXIT_BAD_INPUT)
+            yield  # closing the file releases the lock
+        except RunStopped as stop:
+            if created and stop.exit_code == EXIT_BAD_INPUT and os.listdir(out_dir) == [".lock"]:
+                with contextlib.suppress(OSError):  # still held: no other process trains in it
+                    os.remove(lock.name)
+                    os.rmdir(out_dir)
+            raise
+
+
+def writes_files() -> bool:
+    """Whether this process writes the run directory: under torchrun rank 0 alone; the other ranks
+    hold the same state and build and write nothing."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, binary: bool = False):
-    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file, and a
-    failed write (disk full, permission lost) leaves the previous version whole and stops the run
-    with one line (exit 4). Under torchrun the ranks other than 0 write nothing: they hold the
-    same state as rank 0."""
-    if dist.is_initialized() and dist.get_rank() > 0:
-        with open(os.devnull, "wb" if binary else "w") as f:
-            yield f
-        return
+    """Write to a temporary file beside `path`, sync it to the disk, then rename: neither a kill nor
+    a power loss leaves half a file, and a failed write (disk full, permission lost) leaves the
+    previous version whole and stops the run with one line (exit 4). Rank 0 alone calls it
+    (`writes_files`)."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", newline="") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_directory(os.path.dirname(path))
     except OSError as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -200,22 +225,57 @@ def atomic_write(path: str, binary: bool = False):
                          EXIT_WRITE_FAILED) from None
 
 
+def sync_directory(path: str) -> None:
+    """The rename itself on the disk. Some file systems cannot sync a directory: the file is."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path or ".", os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 def atomic_save(obj, path: str) -> None:
-    with atomic_write(path, binary=True) as f:
-        torch.save(obj, f)
+    if writes_files():
+        with atomic_write(path, binary=True) as f:
+            torch.save(obj, f)
 
 
 def write_json(obj, path: str) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2)
+    if writes_files():
+        with atomic_write(path) as f:
+            json.dump(obj, f, indent=2)
 
 
 def write_metrics(path: str, history: list[dict]) -> None:
+    if not writes_files():
+        return
     columns = list(dict.fromkeys(k for row in history for k in row))
     with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
+
+
+def resumes(out_dir: str, config: dict, resume: bool) -> bool:
+    """Whether the run continues from its checkpoint. --resume on a run that train.py started but that
+    stopped before its first epoch ended (no checkpoint: `prepare` refused any other directory)
+    starts it from the beginning, with one line on stderr, unless its config.json holds other
+    settings (refused, exit 2): a requeue that always adds --resume then does the right thing."""
+    if not resume or has_checkpoint(out_dir):
+        return resume
+    path = os.path.join(out_dir, "config.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as error:
+            raise RunStopped(f"cannot read {path} ({type(error).__name__}); delete the run directory or "
+                             f"choose another --out-dir", EXIT_BAD_INPUT) from None
+        check_same_settings(out_dir, saved, config, "run")
+    print(f"--resume: no epoch of {out_dir} was finished; starting the run from the beginning",
+          file=sys.stderr)
+    return False
 
 
 def load_checkpoint(out_dir: str, config: dict) -> dict:
@@ -227,14 +287,19 @@ def load_checkpoint(out_dir: str, config: dict) -> dict:
     except Exception as error:  # any unreadable file is a corrupt checkpoint to the user
         raise RunStopped(f"cannot read the checkpoint {path} ({type(error).__name__}); delete the run "
                          f"directory or choose another --out-dir", EXIT_BAD_INPUT) from None
+    check_same_settings(out_dir, saved, config, "checkpoint")
+    return checkpoint
+
+
+def check_same_settings(out_dir: str, saved: dict, config: dict, what: str) -> None:
+    """Refuse (exit 2) to go on with a run made with other settings or another number of processes."""
     check_world_size(out_dir, saved.get("world_size", 1), config.get("world_size", 1))
     differing = changed_settings(saved, config)
     if differing:
         details = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {config.get(k)!r}"
                             for k in differing[:4])
-        raise RunStopped(f"the checkpoint in {out_dir} was made with a different configuration ({details}); "
+        raise RunStopped(f"the {what} in {out_dir} was made with a different configuration ({details}); "
                          f"resume with the original flags or choose another --out-dir", EXIT_BAD_INPUT)
-    return checkpoint
 
 
 def check_health(row: dict, out_dir: str, collapse_threshold: float) -> None:
@@ -260,7 +325,8 @@ def check_world_size(out_dir: str, saved: int, current: int) -> None:
 
 def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, scheduler) -> dict:
     """Load the checkpoint of `out_dir` into the modules, the optimizer, the schedule and the RNG;
-    returns the run's state (epoch, step, history)."""
+    returns the run's state (epoch, step, history, and with --val-size the deployed model chosen
+    so far)."""
     checkpoint = load_checkpoint(out_dir, config)
     for name, module in modules.items():
         module.load_state_dict(checkpoint[name])
@@ -269,10 +335,12 @@ def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, sch
     torch.set_rng_state(checkpoint["rng_cpu"])
     if torch.cuda.is_available() and checkpoint.get("rng_cuda") is not None:
         torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
-    return {k: checkpoint[k] for k in ("epoch", "step", "history")}
+    return {k: checkpoint[k] for k in ("epoch", "step", "history", "deployable") if k in checkpoint}
 
 
 def save_checkpoint(out_dir: str, modules: dict, optimizer, scheduler, state: dict, config: dict) -> None:
+    if not writes_files():
+        return
     checkpoint = {name: module.state_dict() for name, module in modules.items()}
     checkpoint.update(state, config=config, optimizer=optimizer.state_dict(),
                       scheduler=scheduler.state_dict(),

@@ -27,7 +27,7 @@ import report
 import rundir
 from baselines import load_teacher
 from cli import METHODS, resolve_args
-from ema import ema_lag_warning
+from ema import EMATeacher, ema_lag_warning
 from losses import decay_weight, rampup
 from methods import MethodError
 from models import multi_peer_net
@@ -43,12 +43,12 @@ def train(args) -> dict:
     # The data set, on the device, where every batch is augmented (data.py).
     data = load_data(args, device)
     # The multi-peer student and its teacher (methods.py), or a compared method (baselines.py).
-    method = build_method(args, data.num_classes, device, data.image_shape[-1])
+    method = build_method(args, data, device)
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     config = rundir.config_of(args, device)
-    if args.resume:
+    if rundir.resumes(args.out_dir, config, args.resume):
         state = rundir.restore_checkpoint(args.out_dir, config, method.modules(), optimizer,
                                           scheduler)
     else:
@@ -58,8 +58,8 @@ def train(args) -> dict:
         method.initialise(batches)
         state = {"epoch": 0, "step": 0, "history": []}
     distributed.prepare(method, args)  # torchrun: DDP, rank 0's weights on every rank
-    warn_if_teacher_lags(args, method, data)
     num_batches = datasets.num_train_batches(data, args.batch_size)
+    warn_if_teacher_lags(args, method, num_batches)
     for epoch in range(state["epoch"], args.epochs):
         weights = epoch_weights(args, epoch)  # r(ep) and w(ep)
         lr = optimizer.param_groups[0]["lr"]
@@ -87,17 +87,17 @@ def train(args) -> dict:
             row.update(evaluate(method, data, args.batch_size, args.precision))
             if data.val_labels is not None:
                 row.update(evaluate(method, data, args.batch_size, args.precision, "val"))
-                report.keep_if_best(args.out_dir, method, row, state["history"])
+                report.keep_if_best(method, row, state)
         scheduler.step()
         # Saving, every epoch: --resume continues from the last finished one.
         state["history"].append(row)
         state["epoch"] = epoch + 1
         rundir.save_checkpoint(args.out_dir, method.modules(), optimizer, scheduler, state, config)
+        report.export_deployable(args.out_dir, state)  # --val-size: the choice, once checkpointed
         rundir.write_metrics(os.path.join(args.out_dir, "metrics.csv"), state["history"])
         report.end_of_epoch(args.out_dir, row, state["history"], args.epochs, method.schedules)
         STOP.check(args.out_dir, epoch + 1)
-    return report.write_summary(args, method, data.num_classes, state["history"],
-                                data.image_shape[-1])
+    return report.write_summary(args, method, data, state)
 
 
 def student_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor,
@@ -161,17 +161,18 @@ def load_data(args, device: torch.device) -> datasets.ImageData:
     return data
 
 
-def build_method(args, num_classes: int, device: torch.device, image_size: int = 32):
+def build_method(args, data: datasets.ImageData, device: torch.device):
     """The method object of `args.method`, given the values its constructor names: the paper's
     methods take the multi-peer student, offline KD its frozen teacher."""
     method_class = METHODS[args.method]
-    values = {**vars(args), "num_classes": num_classes, "image_size": image_size, "device": device}
+    values = {**vars(args), "num_classes": data.num_classes, "image_size": data.image_shape[-1],
+              "device": device}
     names = list(inspect.signature(method_class).parameters)
     try:
         if "student" in names:
-            values["student"] = multi_peer_net(args.arch, num_classes, args.num_peers)
+            values["student"] = multi_peer_net(args.arch, data.num_classes, args.num_peers)
         if "teacher" in names:
-            values["teacher"] = load_teacher(args.teacher_run, num_classes, image_size)
+            values["teacher"] = load_teacher(args.teacher_run, data)
         return method_class(**{name: values[name] for name in names})
     except MethodError as error:
         raise rundir.RunStopped(str(error), rundir.EXIT_BAD_INPUT) from None
@@ -202,12 +203,13 @@ def add_to(totals: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> 
         totals[name] = totals.get(name, 0.0) + value.float()
 
 
-def warn_if_teacher_lags(args, method, data) -> None:
-    """One line on stderr when the run is too short for its EMA teacher (ema.ema_lag_warning)."""
-    if not hasattr(method, "teacher"):
+def warn_if_teacher_lags(args, method, steps_per_epoch: int) -> None:
+    """One line on stderr when the run is too short for its EMA teacher (ema.ema_lag_warning);
+    a method without one (offline KD's teacher is frozen) has nothing to warn about."""
+    teacher = getattr(method, "teacher", None)
+    if not isinstance(teacher, EMATeacher):
         return
-    steps_per_epoch = datasets.num_train_batches(data, args.batch_size)
-    lag = ema_lag_warning(args.ema_decay, steps_per_epoch, args.epochs)
+    lag = ema_lag_warning(teacher.ema_decay, steps_per_epoch, args.epochs)
     if lag:
         print(f"warning: {lag}", file=sys.stderr)
 

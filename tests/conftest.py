@@ -32,13 +32,17 @@ def small_data(monkeypatch):
     return tiny_data
 
 
-def fake_finished_run(path, arch="resnet8", num_classes=10, image_size=32):
+def fake_finished_run(path, arch="resnet8", num_classes=10, image_size=32, data_set=None):
     """A finished run directory as offline KD reads it (summary.json's "deployable" entry and
-    deployable.pt), written by hand with a freshly initialised network; returns that network."""
+    deployable.pt), written by hand with a freshly initialised network; returns that network.
+    `data_set`: (name, mean, std) of the data set it records, or None, as runs written before
+    summary.json recorded it."""
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1)
     net = build_deployable(arch, num_classes)
     torch.save(net.state_dict(), path / "deployable.pt")
     deployable = {"file": "deployable.pt", "arch": arch, "num_classes": num_classes, "image_size": image_size}
+    if data_set is not None:
+        deployable.update(zip(("dataset", "mean", "std"), data_set))
     (path / "summary.json").write_text(json.dumps({"deployable": deployable}))
     return net

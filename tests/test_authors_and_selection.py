@@ -3,6 +3,7 @@ and the warning for runs too short for the EMA teacher (issue: faithfulness)."""
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -132,14 +133,23 @@ def test_without_validation_no_selection_is_made(tmp_path, small_data):
     assert chosen["on"].startswith("none") and chosen["output"] == "teacher_peer0" and chosen["epoch"] == 1
 
 
-def test_short_runs_warn_and_paper_length_runs_do_not(tmp_path, small_data, capsys):
-    # 3 epochs of 39 steps = 117 steps against a 1,000-step time constant.
+def test_the_lag_warning_fires_when_the_teacher_lags_longer_than_the_run(tmp_path, small_data, capsys):
+    # The README's smoke run: 3 epochs of 39 steps = 117 steps, time constant 1/(1 - 0.99) = 100.
+    assert ema_lag_warning(0.99, 39, 3) is None
+    # The paper's alpha over the same 117 steps: 1,000 steps, and 0.999^117 = 0.8894 of the teacher's
+    # starting weights left in the final teacher.
     message = ema_lag_warning(0.999, 39, 3)
-    assert "1,000 optimizer steps" in message and "this run has 117" in message
-    # The paper's lag is 1000 / 391 = 2.56 epochs: alpha = 1 - 1 / (2.56 * 39) = 0.98999 -> 0.9899.
-    assert "--ema-decay 0.9899 " in message
+    assert "1,000 optimizer steps" in message and "this run's 117" in message and "89%" in message
+    # The largest alpha of four decimals with 1/(1 - alpha) <= 117: 1 - 1/117 = 0.99145 -> 0.9914.
+    suggested = float(re.search(r"--ema-decay (\S+) ", message)[1])
+    assert suggested == 0.9914 and 1 / (1 - 0.9914) <= 117 < 1 / (1 - 0.9915)
+    assert ema_lag_warning(suggested, 39, 3) is None
+    assert ema_lag_warning(0.9915, 39, 3) is not None
+    for steps in range(1, 2000):  # the suggested value never warns, whatever the run's length
+        lag = ema_lag_warning(0.9999, steps, 1)
+        fitting = float(re.search(r"--ema-decay (\S+) ", lag)[1])
+        assert ema_lag_warning(fitting, steps, 1) is None, steps
     assert ema_lag_warning(0.999, 390, 300) is None                # the paper's 117,000 steps
-    assert ema_lag_warning(0.8, 39, 3) is None                     # 117 steps >= 20 * 5
     train.main(["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1", "--batch-size", "64",
-                "--device", "cpu", "--out-dir", str(tmp_path)])
+                "--device", "cpu", "--out-dir", str(tmp_path)])  # 4 steps at alpha 0.999
     assert "warning: the teacher will lag" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import data as datasets
 import train
 from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss, kdcl_loss,
                        load_teacher, min_logit_target, offline_kd_loss, okddip_loss, one_loss,
@@ -295,9 +296,15 @@ def test_kdcl_gives_network_k_view_k_and_one_the_gated_ensemble():
         assert torch.allclose(out.ensemble, by_hand, atol=1e-5)
 
 
+def cifar_shaped(num_classes=10):
+    """A data set of one 32x32 image, as build_method and load_teacher see a data set."""
+    image, label = torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
+    return datasets.ImageData("synthetic", image, label, image, label, (0.5,) * 3, (0.25,) * 3, num_classes)
+
+
 def test_baseline_ignores_num_peers():
     args = train.resolve_args(["--method", "baseline", "--num-peers", "5", "--device", "cpu"])
-    assert train.build_method(args, 10, torch.device("cpu")).net.num_peers == 1
+    assert train.build_method(args, cifar_shaped(), torch.device("cpu")).net.num_peers == 1
 
 
 def test_offline_kd_loss_by_hand():
@@ -314,7 +321,7 @@ def test_offline_kd_loss_by_hand():
 
 def test_kd_teacher_is_loaded_frozen_and_never_checkpointed(tmp_path):
     teacher_net = fake_finished_run(tmp_path, arch="resnet20")   # another architecture than the student
-    method = build("kd", teacher=load_teacher(str(tmp_path), num_classes=10, image_size=32))
+    method = build("kd", teacher=load_teacher(str(tmp_path), cifar_shaped()))
     assert method.num_views == 1 and method.deployed_keys() == ["student_peer0"]
     assert list(method.modules()) == ["student"]                 # reloaded from the teacher run on resume
     views, labels = torch.randn(1, 4, 3, 32, 32), torch.randint(0, 10, (4,))

@@ -3,12 +3,15 @@ its code and one line naming the flag or path, without a traceback; SIGTERM and 
 stop a run with the finished epochs saved, and --resume ends where an uninterrupted run ends."""
 import csv
 import errno
+import fcntl
+import json
 import os
 import signal
 
 import pytest
 import torch
 
+import report
 import rundir
 import train
 
@@ -155,3 +158,147 @@ def test_failing_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch,
     assert torch.load(failed / "checkpoint.pt", weights_only=True)["epoch"] == 1  # intact and loadable
     assert train.main(args_for(failed, "--epochs", "3", "--resume")) == 0
     assert metrics(failed) == metrics(straight)
+
+
+def test_a_stop_in_the_first_epoch_is_started_again_by_a_requeue_with_resume(tmp_path, monkeypatch, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    flags = ("--epochs", "1", "--batch-size", "64")                # 4 steps
+    assert train.main(args_for(straight, *flags)) == 0
+    real_step, steps = train.student_step, []
+
+    def terminated_in_first_epoch(*step_args):
+        steps.append(len(steps))
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*step_args)
+
+    monkeypatch.setattr(train, "student_step", terminated_in_first_epoch)
+    assert train.main(args_for(stopped, *flags)) == rundir.EXIT_TERMINATED
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nothing is saved" in message and "with or without --resume" in message, message
+    assert not (stopped / "checkpoint.pt").exists()
+    monkeypatch.setattr(train, "student_step", real_step)
+    # A requeue that always adds --resume: the run starts from the beginning and says so.
+    assert train.main(args_for(stopped, *flags, "--resume")) == 0
+    assert "starting the run from the beginning" in capsys.readouterr().err
+    assert metrics(stopped) == metrics(straight)
+
+
+def test_resume_of_a_run_stopped_in_its_first_epoch_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    def interrupted(args, epoch):  # called at the start of every epoch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "epoch_weights", interrupted)
+    assert train.main(args_for(tmp_path, "--epochs", "1")) == rundir.EXIT_INTERRUPTED
+    assert (tmp_path / "config.json").exists() and not (tmp_path / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert train.main(args_for(tmp_path, "--epochs", "1", "--resume", "--beta", "0.25")) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "--beta: 0.5 -> 0.25" in message, message
+
+
+def test_a_process_refused_by_the_lock_removes_nothing(tmp_path, monkeypatch, capsys):
+    out_dir, held = tmp_path / "run", []
+    real_prepare = rundir.prepare
+
+    def the_other_process_wins(path, resume):
+        # Between this process's look at the (new) directory and its lock, another process makes
+        # the directory and takes the lock, and has not written anything yet.
+        os.makedirs(path)
+        held.append(open(os.path.join(path, ".lock"), "a"))
+        fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        real_prepare(path, resume)
+
+    monkeypatch.setattr(rundir, "prepare", the_other_process_wins)
+    assert train.main(args_for(out_dir)) == rundir.EXIT_BAD_INPUT
+    assert "another process is training" in capsys.readouterr().err
+    assert (out_dir / ".lock").exists()                    # the winner's directory and lock are left alone
+    held[0].close()
+
+
+def test_deployable_summary_and_checkpoint_agree_after_a_failed_write(tmp_path, monkeypatch):
+    """With --val-size the deployed model is chosen at the epoch that trains it. An epoch trained
+    again after a failed checkpoint write need not repeat its first attempt (a GPU's kernels are not
+    deterministic): here the validation split rates epoch 1 best, except in the first attempt at
+    epoch 2, whose checkpoint then cannot be written."""
+    flags = ("--batch-size", "64", "--val-size", "64")
+    rating, current = {1: 90.0, 2: 80.0}, {}
+    real_weights, real_evaluate, real_save = train.epoch_weights, train.evaluate, torch.save
+
+    def weights(args, epoch):  # called at the start of every epoch
+        current["epoch"] = epoch + 1
+        return real_weights(args, epoch)
+
+    def rated(method, data, batch_size, precision, split="test"):
+        accuracies = real_evaluate(method, data, batch_size, precision, split)
+        if split == "val":
+            accuracies = {k: rating[current["epoch"]] for k in accuracies}
+        return accuracies
+
+    def disk_full_at_second_checkpoint(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(train, "epoch_weights", weights)
+    monkeypatch.setattr(train, "evaluate", rated)
+    straight, failed = tmp_path / "straight", tmp_path / "failed"
+    assert train.main(args_for(straight, *flags)) == 0
+    rating[2] = 95.0                                       # the first attempt at epoch 2 ...
+    monkeypatch.setattr(rundir.torch, "save", disk_full_at_second_checkpoint)
+    assert train.main(args_for(failed, *flags)) == rundir.EXIT_WRITE_FAILED
+    rating[2] = 80.0                                       # ... and the epoch trained again
+    monkeypatch.setattr(rundir.torch, "save", real_save)
+    assert train.main(args_for(failed, *flags, "--resume")) == 0
+    summary = json.loads((failed / "summary.json").read_text())
+    assert summary["selection"]["epoch"] == summary["deployable"]["epoch"] == 1
+    assert summary["selection"] == json.loads((straight / "summary.json").read_text())["selection"]
+    expected = torch.load(straight / "deployable.pt", weights_only=True)
+    deployed = torch.load(failed / "deployable.pt", weights_only=True)
+    assert expected.keys() == deployed.keys()
+    assert all(torch.equal(deployed[k], expected[k]) for k in expected)
+
+
+def test_ranks_other_than_0_build_and_write_nothing(tmp_path, monkeypatch):
+    class Untouchable(torch.nn.Linear):
+        def state_dict(self, *a, **k):
+            raise AssertionError("a rank other than 0 built a checkpoint")
+
+    def no_serialising(*a, **k):
+        raise AssertionError("a rank other than 0 serialised something")
+
+    monkeypatch.setattr(rundir.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(rundir.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(rundir.torch, "save", no_serialising)
+    monkeypatch.setattr(rundir.json, "dump", no_serialising)
+    monkeypatch.setattr(report, "draw_curves", no_serialising)
+    net = Untouchable(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1])
+    history = [{"epoch": 1, "loss": 1.0}]
+    rundir.save_checkpoint(str(tmp_path), {"student": net}, optimizer, scheduler,
+                           {"epoch": 1, "step": 8, "history": history}, {})
+    rundir.atomic_save({"weights": torch.zeros(2)}, str(tmp_path / "deployable.pt"))
+    rundir.write_json({"a": 1}, str(tmp_path / "summary.json"))
+    rundir.write_metrics(str(tmp_path / "metrics.csv"), history)
+    report.plot_curves(str(tmp_path), history)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_file_is_on_disk_before_it_replaces_the_previous_version(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", os.path.getsize(source)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    rundir.write_json({"accuracy": [1.5] * 1000}, str(tmp_path / "summary.json"))
+    size = os.path.getsize(tmp_path / "summary.json")
+    # The whole file (flushed from Python's buffer) is synced, then renamed over the old one.
+    assert events[:2] == [("fsync", size), ("replace", size)], events

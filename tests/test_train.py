@@ -141,11 +141,19 @@ def test_a_failure_to_draw_the_curves_never_stops_a_run(tmp_path, monkeypatch, c
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "curves.png").exists()
 
 
-def test_kd_learns_from_a_finished_run_of_another_network(tmp_path):
+def test_kd_learns_from_a_finished_run_of_another_network(tmp_path, capsys):
     teacher, student = tmp_path / "teacher", tmp_path / "kd"
     assert train.main(args_for(teacher, "--method", "baseline", "--arch", "resnet20", "--epochs", "1")) == 0
+    capsys.readouterr()
     assert train.main(args_for(student, "--method", "kd", "--teacher-run", str(teacher))) == 0
+    # 16 steps against the 1,000-step time constant of --ema-decay 0.999, which KD's frozen teacher
+    # does not have: no warning about an EMA teacher's lag.
+    assert "lag" not in capsys.readouterr().err
     taught = json.load(open(teacher / "summary.json"))
+    # The teacher run records the data set its model was trained on, and its normalisation.
+    data = tiny_data("synthetic", "", "cpu")
+    assert taught["deployable"]["dataset"] == "synthetic"
+    assert (taught["deployable"]["mean"], taught["deployable"]["std"]) == (list(data.mean), list(data.std))
     teacher_accuracy = taught["final"][f"acc_{taught['deployable']['output']}"]
     rows = read_metrics(student)
     # The teacher is the network the teacher run deployed, and it never changes: its test accuracy is
@@ -164,13 +172,19 @@ def test_kd_learns_from_a_finished_run_of_another_network(tmp_path):
     ("unfinished", "not a finished run (no summary.json)"),
     ("other classes", "its model has 100 classes and 32x32 images, this run 10 and 32x32"),
     ("other size", "its model has 10 classes and 64x64 images, this run 10 and 32x32"),
+    ("other data set", "its model was trained on cifar10 (mean 0.4914 0.4822 0.4465, std 0.247 0.2435 "
+                       "0.2616), this run is on synthetic (mean "),
+    ("other normalisation", "its model was trained on synthetic (mean 0.5 0.5 0.5, std 0.25 0.25 0.25), "
+                            "this run is on synthetic (mean "),
     ("corrupt", "cannot load its deployed model"),
 ])
 def test_kd_refuses_a_bad_teacher_run_with_one_line(tmp_path, capsys, case, message):
     teacher = tmp_path / "teacher"
-    if case in ("other classes", "other size", "corrupt"):
+    data_sets = {"other data set": ("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                 "other normalisation": ("synthetic", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
+    if case in ("other classes", "other size", "corrupt", *data_sets):
         fake_finished_run(teacher, num_classes=100 if case == "other classes" else 10,
-                          image_size=64 if case == "other size" else 32)
+                          image_size=64 if case == "other size" else 32, data_set=data_sets.get(case))
     if case == "unfinished":
         teacher.mkdir()
         (teacher / "config.json").write_text("{}")               # started, no summary.json yet
