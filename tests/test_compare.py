@@ -1,5 +1,6 @@
-"""compare.py: every experiment's table and figure from tiny runs (or from run directories written
-by hand), missing runs listed, the paper's numbers, --list / --cell, and the --gpus process pool."""
+"""compare.py and its sweep.py: every experiment's table and figure from tiny runs (or from run
+directories written by hand), missing runs listed, the paper's numbers, --list / --cell, and the
+--gpus process pool."""
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import pytest
 
 import cli
 import compare
+import sweep
 
 pytestmark = pytest.mark.usefixtures("small_data")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -253,8 +255,8 @@ class StandInChild:
 
 @pytest.fixture
 def stand_in_children(monkeypatch):
-    monkeypatch.setattr(compare.subprocess, "Popen", StandInChild)
-    monkeypatch.setattr(compare, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(sweep.subprocess, "Popen", StandInChild)
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.01)
     monkeypatch.setattr(StandInChild, "started", [])
     return StandInChild
 
@@ -336,7 +338,7 @@ def test_a_sequential_sweep_ends_at_a_terminated_run(tmp_path, monkeypatch, caps
         calls.append(argv)
         return 143
 
-    monkeypatch.setattr(compare.train, "main", terminated)
+    monkeypatch.setattr(sweep.train, "main", terminated)
     argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel", "--seeds", "0",
             "--runs-dir", str(tmp_path)]
     assert compare.main(argv) == 143
@@ -359,7 +361,7 @@ def test_gpus_pass_a_stop_signal_on_to_their_children(tmp_path, stand_in_childre
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().poll()
 
-    monkeypatch.setattr(compare.subprocess, "Popen", TerminatedWhileRunning)
+    monkeypatch.setattr(sweep.subprocess, "Popen", TerminatedWhileRunning)
     argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
             "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--gpus", "3", "5"]
     assert compare.main(argv) == 143
@@ -374,7 +376,7 @@ def test_list_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
     read_end, write_end = os.pipe()
     os.close(read_end)  # `compare.py --list | head`: the reader has gone
     with open(write_end, "w") as closed_pipe:
-        monkeypatch.setattr(compare.sys, "stdout", closed_pipe)
+        monkeypatch.setattr(sweep.sys, "stdout", closed_pipe)
         assert compare.main(["--runs-dir", str(tmp_path), "--list"]) == 128 + signal.SIGPIPE
         closed_pipe.write("at exit, Python flushes stdout once more\n")
         closed_pipe.flush()
