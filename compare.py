@@ -90,7 +90,8 @@ BETA_HELP = ("table4's beta grid 0.05 0.1 0.2 0.5 2.5 (the paper's values were l
              "(from epoch 24, 47, 93)")
 
 
-def flag_sweep(tag: str, name: str, flag: str, values) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+def flag_sweep(tag: str, name: str, flag: str,
+               values) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """The settings of a sweep of one train.py flag: (run-directory tag, label, flags) per value."""
     return tuple((f"{tag}{v}", f"{name} = {v}", (flag, str(v))) for v in values)
 
@@ -187,7 +188,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- tables
-def collect(args, runs: list[sweep.Run], untabulated: dict[sweep.Run, str]) -> tuple[dict, list[str]]:
+def collect(args, runs: list[sweep.Run],
+            untabulated: dict[sweep.Run, str]) -> tuple[dict, list[str]]:
     """Run key -> {"final": [...], "best": [...]} over the finished seeds; the others (missing, or
     in `untabulated`: failed, made otherwise) by directory."""
     results, problems = {}, []
@@ -263,9 +265,9 @@ def notes(args) -> list[str]:
         return [table3_note(), ""]
     if args.experiment == "table2" and "kd" in args.methods:
         teacher = args.kd_teacher_arch or "the same network"
-        return ["KD: CE + λ·r(ep)·L_kd of Eq. (1) from the frozen deployed model of the baseline "
-                f"run of {teacher}, same seed. NOTE(paper): the paper does not name its KD row's "
-                "teacher (`--kd-teacher-arch` picks another).", ""]
+        return ["KD: CE + λ·r(ep)·L_kd of Eq. (1) from the frozen deployed model of the "
+                f"baseline run of {teacher}, same seed. NOTE(paper): the paper does not name its "
+                "KD row's teacher (`--kd-teacher-arch` picks another).", ""]
     if args.experiment == "table4":
         title = ("The paper's Table 4, rows in their printed order "
                  "(its β values were lost from the text)")
@@ -274,8 +276,8 @@ def notes(args) -> list[str]:
 
 
 def table_cell(ours: dict | None, stat: str, paper: tuple[float, float | None] | None) -> str:
-    """Our mean ± std over the seeds and their count ("—" before any finished), the paper's number
-    in brackets where it has one."""
+    """Our mean ± std over the seeds and their count ("—" before any finished), the paper's
+    number in brackets where it has one."""
     text = f"{cell(*mean_std(ours[stat]))} (n={len(ours[stat])})" if ours else "—"
     return f"{text} ({cell(*paper)})" if paper else text
 
@@ -287,7 +289,8 @@ def markdown(args, results: dict, problems: list[str]) -> str:
     sections = (("final", "Final epoch (this project's headline; docs/spec.md Sec. 4)"),
                 ("best", "Paper's convention: best deployed output at its best test epoch"))
     for stat, title in sections:
-        lines += [f"## {title}", "", "ours (the paper's number in brackets; docs/spec.md Sec. 9)", "",
+        lines += [f"## {title}", "",
+                  "ours (the paper's number in brackets; docs/spec.md Sec. 9)", "",
                   f"| {corner} | " + " | ".join(label for _, label in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for row, row_label in rows:
@@ -394,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cell is not None:
             return sweep.train_cell(args, runs, mismatched)
         if args.read_only:
-            untabulated = {run: f"made with other settings ({why})" for run, why in mismatched.items()}
+            untabulated = {run: f"made with other settings ({why})"
+                           for run, why in mismatched.items()}
         else:
             untabulated = sweep.train_missing(args, runs, mismatched)
     except rundir.RunStopped as stop:
@@ -413,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"wrote {base}.md and {base}.png")
     if args.read_only and mismatched:
-        print(f"{len(mismatched)} run(s) made with other settings are not tabulated: {sweep.HOW_TO_PROCEED}")
+        print(f"{len(mismatched)} run(s) made with other settings are not tabulated: "
+              f"{sweep.HOW_TO_PROCEED}")
     return 1 if problems else 0
 
 
