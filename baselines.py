@@ -19,8 +19,8 @@ for KDCL alone, which gives every network its own augmented view.
 
 Logits (M, B, C): the M networks or branches; labels (B,). Every distillation target is detached
 except OKDDip's attention target t_a, through which alone W_Q and W_K learn (docs/spec.md). Every
-distillation term is scaled by lambda * r(ep) (PCL's weight and ramp-up, docs/spec.md Sec. 6), except
-DML's, which has no ramp-up.
+distillation term is scaled by lambda * r(ep) (PCL's weight and ramp-up, docs/spec.md Sec. 6),
+except DML's, which has no ramp-up.
 """
 import json
 import math
@@ -38,7 +38,8 @@ from methods import Method, MethodError
 from models import MultiPeerNet, build_deployable, multi_peer_net
 
 
-def _named(total: torch.Tensor, **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _named(total: torch.Tensor,
+           **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(the objective, its parts detached for logging)."""
     return total, {name: value.detach() for name, value in parts.items()}
 
@@ -70,7 +71,8 @@ def offline_kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
                     temperature: float, kd_weight: float, rampup: float):
     """Offline KD: the one network's logits (1, B, C) learn from the labels and from the frozen
     teacher's logits t (B, C), detached: the teacher is never trained.
-    NOTE(paper): lambda r(ep) scales the KD term as it scales every compared method's (docs/spec.md)."""
+    NOTE(paper): lambda r(ep) scales the KD term as it scales every compared method's
+    (docs/spec.md)."""
     ce = cross_entropy_per_peer(logits, labels).sum()
     kd = kd_loss(teacher_logits.detach()[None], logits, temperature).sum()
     # KD: L = L_ce(s, y) + lambda r(ep) L_kd(t, s), L_kd of Eq. (1) at temperature T
@@ -125,7 +127,8 @@ def cl_loss(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float, k
 
 
 def attention_targets(peer_logits: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """OKDDip's peer ensemble teacher of every auxiliary peer a: (A, B, C) x (B, A, A) -> (A, B, C)."""
+    """OKDDip's peer ensemble teacher of every auxiliary peer a:
+    (A, B, C) x (B, A, A) -> (A, B, C)."""
     # t_a = sum_b alpha_ab z_b: (B, A, A) @ (B, A, C) -> (B, A, C), back to (A, B, C).
     return (attention.float() @ peer_logits.float().transpose(0, 1)).transpose(0, 1)
 
@@ -233,8 +236,10 @@ class PeerMethod(Method):
     def loss(self, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]):
         out = self.training_forward(views if self.num_views > 1 else views[0])
         loss, parts = self.objective(out, labels, weights)
-        parts["correct"] = (out.logits.argmax(-1) == labels).float().mean()  # over networks and images
-        parts["logit_norm"] = out.logits[self.deployed_peer].float().norm(dim=-1).mean()  # collapse watch
+        # Over networks and images.
+        parts["correct"] = (out.logits.argmax(-1) == labels).float().mean()
+        # The collapse watch.
+        parts["logit_norm"] = out.logits[self.deployed_peer].float().norm(dim=-1).mean()
         return loss, parts
 
     def output_names(self) -> list[str]:
@@ -300,8 +305,8 @@ class KDCL(DML):
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
                  temperature: float, kd_weight: float, compile: bool = False):
-        super().__init__(arch, num_classes, num_peers, device, temperature=temperature, kd_weight=kd_weight,
-                         compile=compile)
+        super().__init__(arch, num_classes, num_peers, device, temperature=temperature,
+                         kd_weight=kd_weight, compile=compile)
         self.num_views = num_peers
 
     def objective(self, out: Outputs, labels: torch.Tensor, weights: dict[str, float]):
@@ -325,7 +330,8 @@ class SharedTrunkMethod(PeerMethod):
 
     def distill_scale(self, weights: dict[str, float]) -> dict[str, float]:
         """Keyword arguments of a distillation term: T, lambda and r(ep) (docs/spec.md Sec. 6)."""
-        return {"temperature": self.temperature, "kd_weight": self.kd_weight, "rampup": weights["rampup"]}
+        return {"temperature": self.temperature, "kd_weight": self.kd_weight,
+                "rampup": weights["rampup"]}
 
 
 class ONE(SharedTrunkMethod):
@@ -435,9 +441,11 @@ def load_teacher(teacher_run: str | None, data) -> torch.nn.Module:
         # Runs written before summary.json recorded the image size: the size the arch was made for.
         size = deployed.get("image_size", ARCHS[deployed["arch"]]().input_size)
         teacher = build_deployable(deployed["arch"], deployed["num_classes"])
-        state = torch.load(os.path.join(teacher_run, deployed["file"]), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(teacher_run, deployed["file"]), map_location="cpu",
+                           weights_only=True)
         teacher.load_state_dict(state)
-    except Exception as error:  # any unreadable file or mismatched state dict is a broken run to the user
+    except Exception as error:
+        # Any unreadable file or mismatched state dict is a broken run to the user.
         raise refuse(f"cannot load its deployed model ({type(error).__name__})") from None
     image_size = data.image_shape[-1]
     if (deployed["num_classes"], size) != (data.num_classes, image_size):
@@ -452,7 +460,8 @@ def load_teacher(teacher_run: str | None, data) -> torch.nn.Module:
 
 
 def same_data_set(deployed: dict, data) -> bool:
-    """The teacher's inputs are this run's: the same data set, normalised by the same mean and std."""
+    """The teacher's inputs are this run's: the same data set, normalised by the same mean and
+    std."""
     recorded = [*deployed["mean"], *deployed["std"]]
     return deployed["dataset"] == data.name and all(
         math.isclose(a, b, rel_tol=1e-6) for a, b in zip(recorded, [*data.mean, *data.std]))
@@ -460,4 +469,5 @@ def same_data_set(deployed: dict, data) -> bool:
 
 def described(name: str, mean, std) -> str:
     """A data set and its normalisation, for a one-line refusal."""
-    return f"{name} (mean {' '.join(f'{v:.4g}' for v in mean)}, std {' '.join(f'{v:.4g}' for v in std)})"
+    return (f"{name} (mean {' '.join(f'{v:.4g}' for v in mean)}, "
+            f"std {' '.join(f'{v:.4g}' for v in std)})")

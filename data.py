@@ -59,7 +59,8 @@ class ImageData:
     num_classes: int
     # The compute device; it differs from train_images.device only in the pinned fallback.
     device: torch.device | None = None
-    val_images: torch.Tensor | None = None  # (N_val, 3, H, W) uint8 held out of training (--val-size)
+    # (N_val, 3, H, W) uint8 held out of training (--val-size)
+    val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None  # (N_val,) int64
 
     def __post_init__(self):
@@ -90,8 +91,9 @@ def augment_views(images: torch.Tensor, num_views: int, generator: torch.Generat
     padded[1, :, :, padding:padding + height, padding:padding + width] = images.flip(-1)
     # Every H×W window as a strided view, no copy, channels last: (2, B, 2p+1, 2p+1, H, W, 3).
     windows = padded.unfold(3, height, 1).unfold(4, width, 1).permute(0, 1, 3, 4, 5, 6, 2)
-    shape, device = (num_views, batch * world), images.device  # every random number of the whole batch
-    rows = slice(rank * batch, (rank + 1) * batch)  # and this part's columns of them
+    # Every random number of the whole batch, and this part's columns of them.
+    shape, device = (num_views, batch * world), images.device
+    rows = slice(rank * batch, (rank + 1) * batch)
     offset_y = torch.randint(0, side, shape, generator=generator, device=device)[:, rows]  # (M, B)
     offset_x = torch.randint(0, side, shape, generator=generator, device=device)[:, rows]  # (M, B)
     flip = torch.randint(0, 2, shape, generator=generator, device=device)[:, rows]  # (M, B)
@@ -148,10 +150,12 @@ def train_batches(data: ImageData, batch_size: int, num_views: int, generator: t
     order = torch.randperm(len(data.train_labels), generator=generator, device=data.device)
     image_order = order.to(data.train_images.device)  # pinned fallback: gather on the host
     rows = batch_size // part[1]  # this rank's slice of every batch
-    for start in range(part[0] * rows, num_train_batches(data, batch_size) * batch_size, batch_size):
+    for start in range(part[0] * rows, num_train_batches(data, batch_size) * batch_size,
+                       batch_size):
         images = data.train_images.index_select(0, image_order[start:start + rows])
         images = _to_device(images, data.device)  # (B/N, 3, H, W) uint8
-        views = augment_views(images, num_views, generator, padding, part)  # (M, B/N, 3, H, W) uint8
+        # (M, B/N, 3, H, W) uint8
+        views = augment_views(images, num_views, generator, padding, part)
         labels = data.train_labels.index_select(0, order[start:start + rows])  # (B/N,)
         yield normalise(views, shift, scale), labels
 
@@ -164,12 +168,14 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 def repeated_batches(data: ImageData, batch_size: int, num_views: int, seed: int):
     """The teacher initialisation's batches (Sec. 3.3): epoch "-1" of `seed`, repeated."""
     while True:
-        yield from train_batches(data, batch_size, num_views, epoch_generator(seed, -1, data.device))
+        yield from train_batches(data, batch_size, num_views,
+                                 epoch_generator(seed, -1, data.device))
 
 
 def test_batches(data: ImageData, batch_size: int, split: str = "test"
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test (or "val") split in order, last batch kept: (images (B, 3, H, W) float32, labels (B,))."""
+    """The test (or "val") split in order, last batch kept: (images (B, 3, H, W) float32,
+    labels (B,))."""
     shift, scale = normaliser(data.mean, data.std, data.device)
     all_images, all_labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
     for start in range(0, len(all_labels), batch_size):
@@ -193,9 +199,12 @@ def hold_out_validation(data: ImageData, val_size: int, seed: int) -> ImageData:
         rank[members] = torch.arange(len(members))
     is_val = rank < shares[labels]                                            # (N,)
     split = {}
-    for prefix, rows in (("train", (~is_val).nonzero().squeeze(1)), ("val", is_val.nonzero().squeeze(1))):
-        split[f"{prefix}_images"] = data.train_images.index_select(0, rows.to(data.train_images.device))
-        split[f"{prefix}_labels"] = data.train_labels.index_select(0, rows.to(data.train_labels.device))
+    for prefix, rows in (("train", (~is_val).nonzero().squeeze(1)),
+                         ("val", is_val.nonzero().squeeze(1))):
+        split[f"{prefix}_images"] = data.train_images.index_select(
+            0, rows.to(data.train_images.device))
+        split[f"{prefix}_labels"] = data.train_labels.index_select(
+            0, rows.to(data.train_labels.device))
     return replace(data, **split)
 
 
@@ -206,8 +215,9 @@ def check_batch_size(data: ImageData, batch_size: int, val_size: int = 0) -> Non
     available = len(data.train_labels) - val_size
     held = f" less --val-size {val_size}" if val_size else ""
     if available < batch_size:
-        raise DataError(f"--batch-size {batch_size} is larger than the training set of {data.name}{held} "
-                        f"({available} images, fewer than one batch); choose a smaller size")
+        raise DataError(f"--batch-size {batch_size} is larger than the training set of "
+                        f"{data.name}{held} ({available} images, fewer than one batch); "
+                        f"choose a smaller size")
 
 
 def load_data(name: str, data_dir: str, device: torch.device | str, seed: int = 0) -> ImageData:
@@ -233,13 +243,16 @@ def _place(data: ImageData, device: torch.device) -> ImageData:
 
 def _load_cifar(name: str, data_dir: str, seed: int) -> ImageData:
     """CIFAR-10/100 through torchvision (downloaded and md5-checked on first use)."""
-    dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    dataset_class = (torchvision.datasets.CIFAR10 if name == "cifar10"
+                     else torchvision.datasets.CIFAR100)
     try:
-        os.makedirs(data_dir, exist_ok=True)  # a download's folder (an existing read-only one is fine)
+        # A download's folder (an existing read-only one is fine).
+        os.makedirs(data_dir, exist_ok=True)
     except OSError as error:
         raise DataError(f"--data-dir {data_dir}: cannot create it ({error.strerror})") from None
     try:
-        train, test = (dataset_class(root=data_dir, train=flag, download=True) for flag in (True, False))
+        train, test = (dataset_class(root=data_dir, train=flag, download=True)
+                       for flag in (True, False))
     except (OSError, RuntimeError, EOFError, tarfile.TarError, pickle.UnpicklingError) as error:
         raise DataError(_cifar_error(dataset_class, data_dir, error)) from error
     mean, std = NORMALISATION[name]
@@ -313,7 +326,8 @@ def _tinyimagenet_root(data_dir: str) -> str:
                         f"and put it at {archive} (it is extracted on the next run), or point "
                         f"--data-dir at the folder that holds tiny-imagenet-200/.")
     try:  # extract next to the target, then rename: an interrupted run leaves no half folder
-        with tempfile.TemporaryDirectory(dir=data_dir) as scratch, zipfile.ZipFile(archive) as zip_file:
+        with (tempfile.TemporaryDirectory(dir=data_dir) as scratch,
+              zipfile.ZipFile(archive) as zip_file):
             zip_file.extractall(scratch)
             os.replace(os.path.join(scratch, "tiny-imagenet-200"), root)
     except (OSError, zipfile.BadZipFile) as error:
@@ -328,8 +342,9 @@ def _load_imagefolder(name: str, data_dir: str, seed: int) -> ImageData:
     test_dir = next((os.path.join(data_dir, s) for s in ("test", "val")
                      if os.path.isdir(os.path.join(data_dir, s))), None)
     if not os.path.isdir(train_dir) or test_dir is None:
-        raise DataError(f"imagefolder: expected {train_dir}/<class>/* and {data_dir}/test/<class>/* "
-                        f"(or val/<class>/*); point --data-dir at the folder that holds them.")
+        raise DataError(f"imagefolder: expected {train_dir}/<class>/* and "
+                        f"{data_dir}/test/<class>/* (or val/<class>/*); point --data-dir at the "
+                        f"folder that holds them.")
     try:
         classes, class_index = find_classes(train_dir)
         unknown = set(find_classes(test_dir)[0]) - set(classes)
@@ -338,10 +353,12 @@ def _load_imagefolder(name: str, data_dir: str, seed: int) -> ImageData:
     except FileNotFoundError as error:
         raise DataError(f"imagefolder: {' '.join(str(error).split())}") from error
     if unknown:
-        raise DataError(f"imagefolder: {test_dir} has classes not in {train_dir}: {sorted(unknown)}")
+        raise DataError(f"imagefolder: {test_dir} has classes not in {train_dir}: "
+                        f"{sorted(unknown)}")
     arrays = _decode_cached(os.path.join(data_dir, "imagefolder_cache_uint8.pt"), train, test)
-    return ImageData(name, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
-                     arrays["test_labels"], tuple(arrays["mean"]), tuple(arrays["std"]), len(classes))
+    return ImageData(name, arrays["train_images"], arrays["train_labels"],
+                     arrays["test_images"], arrays["test_labels"], tuple(arrays["mean"]),
+                     tuple(arrays["std"]), len(classes))
 
 
 def _decode_cached(cache: str, train: list, test: list) -> dict:
@@ -411,7 +428,8 @@ def _load_synthetic(name: str, data_dir: str, seed: int) -> ImageData:
     """A CIFAR-shaped toy set for smoke runs and tests only (not a benchmark of anything)."""
     images, labels = make_synthetic(6000, seed)
     mean, std = _channel_stats(images[:5000])
-    return ImageData(name, images[:5000], labels[:5000], images[5000:], labels[5000:], mean, std, 10)
+    return ImageData(name, images[:5000], labels[:5000], images[5000:], labels[5000:],
+                     mean, std, 10)
 
 
 def make_synthetic(count: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

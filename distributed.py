@@ -1,7 +1,8 @@
-"""train.py on several processes, started by torchrun (README, "Beyond one GPU").
+r"""train.py on several processes, started by torchrun (README, "Beyond one GPU").
 
     torchrun --nproc_per_node 4 train.py --dataset cifar100 --arch resnet110
-    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint host:29500 train.py ...
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint host:29500 \
+        train.py ...
 
 Nothing here changes a single process (a plain `python train.py`, or torchrun with one process):
 every function below then does nothing but take the run-directory lock. Under torchrun the N
@@ -82,9 +83,10 @@ def session(args):
         if rank > 0:
             raise SystemExit(EXIT_RANK_LOST) from None
         reason = " ".join(str(error).split()).split("] ", 1)[-1][:150]  # one line, no source path
-        raise RunStopped(f"another rank of this torchrun run stopped, so rank 0 cannot go on ({reason}); "
-                         f"every finished epoch is saved in {args.out_dir}: run the same torchrun "
-                         f"command with --resume to continue", EXIT_RANK_LOST) from None
+        raise RunStopped(f"another rank of this torchrun run stopped, so rank 0 cannot go on "
+                         f"({reason}); every finished epoch is saved in {args.out_dir}: run the "
+                         f"same torchrun command with --resume to continue",
+                         EXIT_RANK_LOST) from None
 
 
 def join(args, rank: int, stack: contextlib.ExitStack) -> None:
@@ -93,10 +95,12 @@ def join(args, rank: int, stack: contextlib.ExitStack) -> None:
     prints the epoch lines, the progress bar and the summary); their crashes still show."""
     cuda = args.device.startswith("cuda")
     if args.batch_size % args.world_size:
-        raise RunStopped(f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
-                         f"{args.world_size} processes of this torchrun run", EXIT_BAD_INPUT)
+        raise RunStopped(f"--batch-size {args.batch_size} is the global batch and must be "
+                         f"divisible by the {args.world_size} processes of this torchrun run",
+                         EXIT_BAD_INPUT)
     if args.sync_bn and not cuda:
-        raise RunStopped("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)", EXIT_BAD_INPUT)
+        raise RunStopped("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)",
+                         EXIT_BAD_INPUT)
     if cuda:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
@@ -118,7 +122,8 @@ def lock(args, rank: int, stack: contextlib.ExitStack) -> None:
         except RunStopped as stop:
             refused = stop
     if args.world_size > 1:
-        flag = torch.tensor(int(refused is not None), device=args.device)  # NCCL sends CUDA tensors only
+        # NCCL sends CUDA tensors only.
+        flag = torch.tensor(int(refused is not None), device=args.device)
         dist.broadcast(flag, 0)
         if flag.item() and refused is None:
             refused = RunStopped("rank 0 could not lock the run directory", EXIT_BAD_INPUT)
@@ -162,11 +167,13 @@ def prepare(method, args) -> None:
         for module in modules.values():
             sync_batchnorm(module)  # per-view BatchNorm stays per view (models.ViewSyncBatchNorm2d)
     broadcast(t for module in modules.values() for t in (*module.parameters(), *module.buffers()))
-    trained = {name: m for name, m in modules.items() if any(p.requires_grad for p in m.parameters())}
+    trained = {name: m for name, m in modules.items()
+               if any(p.requires_grad for p in m.parameters())}
     device = torch.device(args.device)
 
     def under_ddp(forward):
-        # Buffers are not broadcast at every step: training reads no running statistic (end_of_epoch).
+        # Buffers are not broadcast at every step: training reads no running statistic
+        # (end_of_epoch).
         return DistributedDataParallel(TrainingForward(trained, forward), broadcast_buffers=False,
                                        device_ids=[device] if device.type == "cuda" else None)
 

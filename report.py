@@ -13,7 +13,8 @@ def validation_choice(history: list[dict], keys: list[str]) -> tuple[float, int,
     """(validation accuracy, epoch, output): the deployed output and epoch with the best validation
     accuracy, the earliest epoch among equals (--val-size)."""
     rows = [row for row in history if "val_acc_deployed_mean" in row]
-    value, negative_epoch, key = max((row[f"val_acc_{k}"], -row["epoch"], k) for row in rows for k in keys)
+    value, negative_epoch, key = max((row[f"val_acc_{k}"], -row["epoch"], k)
+                                     for row in rows for k in keys)
     return value, -negative_epoch, key
 
 
@@ -24,7 +25,8 @@ def keep_if_best(method, row: dict, state: dict) -> None:
     so that it never holds an epoch that no checkpoint and no summary names."""
     _, epoch, key = validation_choice(state["history"] + [row], method.deployed_keys())
     if epoch == row["epoch"]:
-        state["deployable"] = {"output": key, "epoch": epoch, "weights": method.deployable(key).state_dict()}
+        state["deployable"] = {"output": key, "epoch": epoch,
+                               "weights": method.deployable(key).state_dict()}
 
 
 def export_deployable(out_dir: str, state: dict) -> None:
@@ -55,22 +57,25 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
         export_deployable(args.out_dir, state)  # the same choice, from the last checkpoint
     else:
         key = keys[0]
-        atomic_save(method.deployable(key).state_dict(), os.path.join(args.out_dir, "deployable.pt"))
-        selection = {"on": "none: no selection was made (--val-size 0), the deployed model is the first "
-                           "deployed output at the final epoch", "output": key, "epoch": final["epoch"],
-                     "test_acc": final[f"acc_{key}"]}
+        atomic_save(method.deployable(key).state_dict(),
+                    os.path.join(args.out_dir, "deployable.pt"))
+        selection = {"on": "none: no selection was made (--val-size 0), the deployed model is the "
+                           "first deployed output at the final epoch",
+                     "output": key, "epoch": final["epoch"], "test_acc": final[f"acc_{key}"]}
     summary = {
         "method": args.method, "dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
         "final": {k: v for k, v in final.items() if k.startswith("acc_")},
         "best": {k[4:]: max(row[k] for row in evaluated) for k in final if k.startswith("acc_")},
         "headline_final_deployed_mean": final["acc_deployed_mean"],
         "selection": selection,
-        "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch, "output": best_key,
-                                                  "selected_on": "test split"},
-        "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"], "arch": args.arch,
-                       "num_classes": data.num_classes, "image_size": data.image_shape[-1],
-                       "dataset": data.name, "mean": list(data.mean), "std": list(data.std),
-                       "load": "models.build_deployable(arch, num_classes); inputs normalised by mean, std"},
+        "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch,
+                                                  "output": best_key, "selected_on": "test split"},
+        "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"],
+                       "arch": args.arch, "num_classes": data.num_classes,
+                       "image_size": data.image_shape[-1], "dataset": data.name,
+                       "mean": list(data.mean), "std": list(data.std),
+                       "load": "models.build_deployable(arch, num_classes); "
+                               "inputs normalised by mean, std"},
         "train_seconds": sum(row["epoch_seconds"] for row in history),
     }
     write_json(summary, os.path.join(args.out_dir, "summary.json"))
@@ -89,14 +94,15 @@ def headline(summary: dict) -> float:
 def summary_table(summary: dict) -> str:
     """The summary as a small table for the terminal."""
     lines = [f"{'output':<22} {'final':>7} {'best':>7}"]
-    lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}" for k, v in summary["final"].items()]
+    lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}"
+              for k, v in summary["final"].items()]
     best, chosen = summary["paper_convention_best_peer_best_epoch"], summary["selection"]
     lines.append(f"deployed model ({chosen['output']}, epoch {chosen['epoch']}; selected on: "
                  f"{chosen['on']}): test {chosen['test_acc']:.2f}%")
     lines.append(f"headline (deployed model, final epoch; pcl/dk/dkel: mean over teacher peers): "
                  f"{summary['headline_final_deployed_mean']:.2f}%")
-    lines.append(f"paper's convention (best deployed output at its best epoch, selected on the test split): "
-                 f"{best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
+    lines.append(f"paper's convention (best deployed output at its best epoch, selected on the "
+                 f"test split): {best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
     return "\n".join(lines)
 
 
@@ -122,7 +128,8 @@ def pyplot():
 
 
 # metrics.csv columns that are not loss parts (everything else in a row is one).
-NOT_LOSSES = {"epoch", "lr", "w", "rampup", "logit_norm", "train_acc", "epoch_seconds", "images_per_s"}
+NOT_LOSSES = {"epoch", "lr", "w", "rampup", "logit_norm", "train_acc", "epoch_seconds",
+              "images_per_s"}
 
 
 def draw_curves(path: str, history: list[dict]) -> None:
@@ -131,21 +138,27 @@ def draw_curves(path: str, history: list[dict]) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     epochs = [row["epoch"] for row in history]
     evaluated = [row for row in history if "acc_deployed_mean" in row]
-    tested = [k for k in history[-1] if k == "acc_deployed_mean" or k.startswith("acc_student_peer")]
-    for key in tested:  # test accuracy: the deployed model bold black, the student peers thin
-        style = {"color": "black", "linewidth": 2.5} if key == "acc_deployed_mean" else {"linewidth": 1.0}
-        axes[0, 0].plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated], label=f"test {key[4:]}",
-                        **style)
-    axes[0, 0].plot(epochs, [r["train_acc"] for r in history], "--", color="grey", label="train (student)")
+    tested = [k for k in history[-1]
+              if k == "acc_deployed_mean" or k.startswith("acc_student_peer")]
+    # Test accuracy: the deployed model bold black, the student peers thin.
+    for key in tested:
+        style = ({"color": "black", "linewidth": 2.5} if key == "acc_deployed_mean"
+                 else {"linewidth": 1.0})
+        axes[0, 0].plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated],
+                        label=f"test {key[4:]}", **style)
+    axes[0, 0].plot(epochs, [r["train_acc"] for r in history], "--", color="grey",
+                    label="train (student)")
     losses = [k for k in history[-1] if k not in NOT_LOSSES and not k.startswith("acc_")]
     for key in losses:
         axes[0, 1].plot(epochs, [r[key] for r in history], label=key)
     for key, label in (("w", "w(ep), Eq. (11)/(13)/(14)"), ("rampup", "r(ep), ramp-up")):
         if key in history[-1]:
             axes[1, 0].plot(epochs, [r[key] for r in history], label=label)
-    axes[1, 1].plot(epochs, [r["lr"] for r in history], drawstyle="steps-post", label="learning rate")
+    axes[1, 1].plot(epochs, [r["lr"] for r in history], drawstyle="steps-post",
+                    label="learning rate")
     axes[1, 1].set_yscale("log")
-    for ax, title in zip(axes.flat, ("accuracy (%)", "loss parts (epoch means)", "epoch weights", "lr")):
+    titles = ("accuracy (%)", "loss parts (epoch means)", "epoch weights", "lr")
+    for ax, title in zip(axes.flat, titles):
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
     for ax in axes[1]:
@@ -175,8 +188,8 @@ def epoch_means(totals: dict, num_batches: int) -> dict[str, float]:
     return means
 
 
-def end_of_epoch(out_dir: str, row: dict, history: list[dict], epochs: int, schedules: tuple[str, ...]
-                 ) -> None:
+def end_of_epoch(out_dir: str, row: dict, history: list[dict], epochs: int,
+                 schedules: tuple[str, ...]) -> None:
     """curves.png redrawn and the epoch line printed."""
     plot_curves(out_dir, history)
     print(epoch_line(row, epochs, history, schedules), flush=True)

@@ -26,12 +26,18 @@ import torch
 import torch.distributed as dist
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
-EXIT_BAD_INPUT = 2       # a bad flag, size, path, data set or run directory: nothing was trained
-EXIT_UNHEALTHY = 3       # the loss became non-finite or the model collapsed: the last good epoch is kept
-EXIT_WRITE_FAILED = 4    # a file of the run directory could not be written: the last good epoch is kept
-EXIT_RANK_LOST = 5       # torchrun: another rank stopped; every finished epoch is kept; --resume continues
-EXIT_INTERRUPTED = 130   # SIGINT (Ctrl-C): every finished epoch is kept; --resume continues
-EXIT_TERMINATED = 143    # SIGTERM (SLURM, Kubernetes before a kill): likewise, for a requeue with --resume
+# A bad flag, size, path, data set or run directory: nothing was trained.
+EXIT_BAD_INPUT = 2
+# The loss became non-finite or the model collapsed: the last good epoch is kept.
+EXIT_UNHEALTHY = 3
+# A file of the run directory could not be written: the last good epoch is kept.
+EXIT_WRITE_FAILED = 4
+# torchrun: another rank stopped; every finished epoch is kept; --resume continues.
+EXIT_RANK_LOST = 5
+# SIGINT (Ctrl-C): every finished epoch is kept; --resume continues.
+EXIT_INTERRUPTED = 130
+# SIGTERM (SLURM, Kubernetes before a kill): likewise, for a requeue with --resume.
+EXIT_TERMINATED = 143
 
 # Arguments that may change between a run and its resumption without changing its results.
 RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
@@ -54,7 +60,8 @@ def config_of(args: argparse.Namespace, device: torch.device) -> dict:
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """The settings that differ between a checkpoint's configuration and this run's."""
     ignored = RESUMABLE | {"torch", "device_name", "world_size"}  # world_size: `check_world_size`
-    return sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in ignored and saved.get(k) != current.get(k))
 
 
 # Under torchrun the ranks agree on a stop after every AGREE_EVERY-th optimizer step (StopRequests).
@@ -81,7 +88,8 @@ class StopRequests:
     def __enter__(self):
         self.received = None
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+            self.previous = {s: signal.signal(s, self._handle)
+                             for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc_info):
@@ -132,8 +140,8 @@ def saved_so_far(out_dir: str, epochs_done: int) -> str:
     """What a stopped run has kept and how to go on: --resume continues it, and starts it again when
     it stopped in its first epoch (`resumes`)."""
     if epochs_done == 0:
-        return (f"no epoch was finished, so nothing is saved in {out_dir}; the same command, with or "
-                f"without --resume, starts the run again")
+        return (f"no epoch was finished, so nothing is saved in {out_dir}; the same command, "
+                f"with or without --resume, starts the run again")
     return (f"the {epochs_done} finished epoch(s) are saved in {out_dir}; continue with the same "
             f"command plus --resume")
 
@@ -146,9 +154,11 @@ def prepare(out_dir: str, resume: bool) -> None:
     """Refuse (exit 2) a run directory that cannot be created or written, and, with --resume, one
     that train.py was never started on (no checkpoint and no `.lock`: a mistyped --out-dir); one
     that already holds a run is refused under the lock (`_locked`)."""
-    if resume and not has_checkpoint(out_dir) and not os.path.exists(os.path.join(out_dir, ".lock")):
-        raise RunStopped(f"--resume: no run was ever started in {out_dir} (no checkpoint.pt, no .lock); "
-                         f"check --out-dir, or run without --resume to start it", EXIT_BAD_INPUT)
+    if (resume and not has_checkpoint(out_dir)
+            and not os.path.exists(os.path.join(out_dir, ".lock"))):
+        raise RunStopped(f"--resume: no run was ever started in {out_dir} (no checkpoint.pt, "
+                         f"no .lock); check --out-dir, or run without --resume to start it",
+                         EXIT_BAD_INPUT)
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".write_test")
@@ -169,7 +179,8 @@ def hold_run_dir(out_dir: str, resume: bool):
     system releases when its process ends, however it ends: the file left by a killed run blocks
     nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all. A new
     directory that a refusal (exit 2) leaves holding nothing but its lock is removed again, by the
-    process that holds the lock only: one refused because another process holds it removes nothing."""
+    process that holds the lock only: one refused because another process holds it removes
+    nothing."""
     created = not os.path.isdir(out_dir)
     prepare(out_dir, resume)
     with _locked(out_dir, resume, created):
@@ -182,12 +193,13 @@ def _locked(out_dir: str, resume: bool, created: bool):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunStopped(f"another process is training into {out_dir} (it holds {lock.name}); wait "
-                             f"for it to end or choose another --out-dir", EXIT_BAD_INPUT) from None
+            raise RunStopped(f"another process is training into {out_dir} (it holds "
+                             f"{lock.name}); wait for it to end or choose another --out-dir",
+                             EXIT_BAD_INPUT) from None
         try:
             if not resume and has_checkpoint(out_dir):
-                raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, or choose "
-                                 f"another --out-dir", EXIT_BAD_INPUT)
+                raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, "
+                                 f"or choose another --out-dir", EXIT_BAD_INPUT)
             yield  # closing the file releases the lock
         except RunStopped as stop:
             if created and stop.exit_code == EXIT_BAD_INPUT and os.listdir(out_dir) == [".lock"]:
@@ -220,8 +232,8 @@ def atomic_write(path: str, binary: bool = False):
     except OSError as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise RunStopped(f"cannot write {path} ({error.strerror}); the previous version is intact: free "
-                         f"space or fix the permissions, then continue with --resume",
+        raise RunStopped(f"cannot write {path} ({error.strerror}); the previous version is "
+                         f"intact: free space or fix the permissions, then continue with --resume",
                          EXIT_WRITE_FAILED) from None
 
 
@@ -258,8 +270,8 @@ def write_metrics(path: str, history: list[dict]) -> None:
 
 
 def resumes(out_dir: str, config: dict, resume: bool) -> bool:
-    """Whether the run continues from its checkpoint. --resume on a run that train.py started but that
-    stopped before its first epoch ended (no checkpoint: `prepare` refused any other directory)
+    """Whether the run continues from its checkpoint. --resume on a run that train.py started but
+    that stopped before its first epoch ended (no checkpoint: `prepare` refused any other directory)
     starts it from the beginning, with one line on stderr, unless its config.json holds other
     settings (refused, exit 2): a requeue that always adds --resume then does the right thing."""
     if not resume or has_checkpoint(out_dir):
@@ -270,8 +282,8 @@ def resumes(out_dir: str, config: dict, resume: bool) -> bool:
             with open(path) as f:
                 saved = json.load(f)
         except (OSError, ValueError) as error:
-            raise RunStopped(f"cannot read {path} ({type(error).__name__}); delete the run directory or "
-                             f"choose another --out-dir", EXIT_BAD_INPUT) from None
+            raise RunStopped(f"cannot read {path} ({type(error).__name__}); delete the run "
+                             f"directory or choose another --out-dir", EXIT_BAD_INPUT) from None
         check_same_settings(out_dir, saved, config, "run")
     print(f"--resume: no epoch of {out_dir} was finished; starting the run from the beginning",
           file=sys.stderr)
@@ -285,42 +297,48 @@ def load_checkpoint(out_dir: str, config: dict) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved = checkpoint["config"]
     except Exception as error:  # any unreadable file is a corrupt checkpoint to the user
-        raise RunStopped(f"cannot read the checkpoint {path} ({type(error).__name__}); delete the run "
-                         f"directory or choose another --out-dir", EXIT_BAD_INPUT) from None
+        raise RunStopped(f"cannot read the checkpoint {path} ({type(error).__name__}); delete "
+                         f"the run directory or choose another --out-dir",
+                         EXIT_BAD_INPUT) from None
     check_same_settings(out_dir, saved, config, "checkpoint")
     return checkpoint
 
 
 def check_same_settings(out_dir: str, saved: dict, config: dict, what: str) -> None:
-    """Refuse (exit 2) to go on with a run made with other settings or another number of processes."""
+    """Refuse (exit 2) to go on with a run made with other settings or another number of
+    processes."""
     check_world_size(out_dir, saved.get("world_size", 1), config.get("world_size", 1))
     differing = changed_settings(saved, config)
     if differing:
         details = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {config.get(k)!r}"
                             for k in differing[:4])
-        raise RunStopped(f"the {what} in {out_dir} was made with a different configuration ({details}); "
-                         f"resume with the original flags or choose another --out-dir", EXIT_BAD_INPUT)
+        raise RunStopped(f"the {what} in {out_dir} was made with a different configuration "
+                         f"({details}); resume with the original flags or choose another "
+                         f"--out-dir", EXIT_BAD_INPUT)
 
 
 def check_health(row: dict, out_dir: str, collapse_threshold: float) -> None:
     """Stop on a non-finite loss or on collapse (Sec. 3.3: all logits shrink to zero)."""
     if not math.isfinite(row["loss"]):
-        raise RunStopped(f"the loss became {row['loss']} in epoch {row['epoch']}; the checkpoint of the last "
-                         f"good epoch is kept in {out_dir} (try a lower --lr)", EXIT_UNHEALTHY)
+        raise RunStopped(f"the loss became {row['loss']} in epoch {row['epoch']}; the checkpoint "
+                         f"of the last good epoch is kept in {out_dir} (try a lower --lr)",
+                         EXIT_UNHEALTHY)
     if row["logit_norm"] < collapse_threshold:
-        raise RunStopped(f"collapse in epoch {row['epoch']}: the deployed model's mean logit norm is "
-                         f"{row['logit_norm']:.2e} < --collapse-threshold {collapse_threshold} "
-                         f"(paper Sec. 3.3); the last good checkpoint is kept in {out_dir}",
+        raise RunStopped(f"collapse in epoch {row['epoch']}: the deployed model's mean logit "
+                         f"norm is {row['logit_norm']:.2e} < --collapse-threshold "
+                         f"{collapse_threshold} (paper Sec. 3.3); the last good checkpoint is kept "
+                         f"in {out_dir}",
                          EXIT_UNHEALTHY)
 
 
 def check_world_size(out_dir: str, saved: int, current: int) -> None:
     """A run resumes with the number of processes it was trained with: its BatchNorm statistics
-    are taken over the B/N images of each rank (distributed.py), so another N changes the results."""
+    are taken over the B/N images of each rank (distributed.py), so another N changes the
+    results."""
     if saved != current:
-        raise RunStopped(f"the checkpoint in {out_dir} was trained by {saved} process(es) (torchrun's world "
-                         f"size) and this run has {current}: resume with {saved}, or choose another "
-                         f"--out-dir", EXIT_BAD_INPUT)
+        raise RunStopped(f"the checkpoint in {out_dir} was trained by {saved} process(es) "
+                         f"(torchrun's world size) and this run has {current}: resume with "
+                         f"{saved}, or choose another --out-dir", EXIT_BAD_INPUT)
 
 
 def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, scheduler) -> dict:
@@ -338,12 +356,14 @@ def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, sch
     return {k: checkpoint[k] for k in ("epoch", "step", "history", "deployable") if k in checkpoint}
 
 
-def save_checkpoint(out_dir: str, modules: dict, optimizer, scheduler, state: dict, config: dict) -> None:
+def save_checkpoint(out_dir: str, modules: dict, optimizer, scheduler, state: dict,
+                    config: dict) -> None:
     if not writes_files():
         return
     checkpoint = {name: module.state_dict() for name, module in modules.items()}
     checkpoint.update(state, config=config, optimizer=optimizer.state_dict(),
                       scheduler=scheduler.state_dict(),
                       rng_cpu=torch.get_rng_state(),
-                      rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+                      rng_cuda=(torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                else None))
     atomic_save(checkpoint, os.path.join(out_dir, "checkpoint.pt"))

@@ -1,6 +1,6 @@
-"""The compared methods of Tables 1 and 2 (docs/spec.md Sec. 6): each objective against an explicit loop over
-networks or pairs and a case worked by hand, gradient flow (detached targets, CL's 1/M scaling,
-OKDDip's attention), and one training step through every method object."""
+"""The compared methods of Tables 1 and 2 (docs/spec.md Sec. 6): each objective against an explicit
+loop over networks or pairs and a case worked by hand, gradient flow (detached targets, CL's 1/M
+scaling, OKDDip's attention), and one training step through every method object."""
 import inspect
 import math
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import cli
 import data as datasets
 import train
-from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss, kdcl_loss,
-                       load_teacher, min_logit_target, offline_kd_loss, okddip_loss, one_loss,
-                       scale_gradient)
+from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss,
+                       kdcl_loss, load_teacher, min_logit_target, offline_kd_loss, okddip_loss,
+                       one_loss, scale_gradient)
 from conftest import fake_finished_run
 from models import build_deployable, multi_peer_net
 
@@ -68,7 +68,8 @@ def test_dml_equals_pair_loop_with_detached_targets():
     # The check has power: the same loop without the detach has a different gradient.
     def attached(z):
         return sum(F.cross_entropy(z[k], y)
-                   + 0.7 * sum(kl_reference(z[l], z[k]) for l in range(3) if l != k) / 2 for k in range(3))
+                   + 0.7 * sum(kl_reference(z[l], z[k]) for l in range(3) if l != k) / 2
+                   for k in range(3))
 
     assert not torch.allclose(value_and_grad(loop, z)[1], value_and_grad(attached, z)[1], atol=1e-4)
 
@@ -89,7 +90,8 @@ def test_kdcl_equals_network_loop():
         target = torch.stack([torch.stack([min(z[k, n, c] - z[k, n, y[n]] for k in range(3))
                                            for c in range(4)])
                               for n in range(5)]).detach()             # (B, C), by scalar loops
-        return sum(F.cross_entropy(z[k], y) + 0.6 * 0.5 * kl_reference(target, z[k]) for k in range(3))
+        return sum(F.cross_entropy(z[k], y) + 0.6 * 0.5 * kl_reference(target, z[k])
+                   for k in range(3))
 
     assert_same(lambda z: kdcl_loss(z, y, temperature=T, kd_weight=0.6, rampup=0.5), loop, z)
 
@@ -100,12 +102,14 @@ def test_one_equals_branch_loop():
 
     def loop(z):
         return (F.cross_entropy(ensemble, y)
-                + sum(F.cross_entropy(z[i], y) + 0.4 * kl_reference(ensemble, z[i]) for i in range(3)))
+                + sum(F.cross_entropy(z[i], y) + 0.4 * kl_reference(ensemble, z[i])
+                      for i in range(3)))
 
-    assert_same(lambda z: one_loss(z, ensemble, y, temperature=T, kd_weight=0.8, rampup=0.5), loop, z)
+    assert_same(lambda z: one_loss(z, ensemble, y, temperature=T, kd_weight=0.8, rampup=0.5),
+                loop, z)
     # The gated ensemble learns from its own cross-entropy only: L_kd(z_e, z_i) is detached in z_e.
-    _, ensemble_grad = value_and_grad(lambda e: one_loss(z, e, y, temperature=T, kd_weight=1.0, rampup=1.0),
-                                      ensemble)
+    _, ensemble_grad = value_and_grad(
+        lambda e: one_loss(z, e, y, temperature=T, kd_weight=1.0, rampup=1.0), ensemble)
     _, ce_grad = value_and_grad(lambda e: F.cross_entropy(e, y), ensemble)
     assert torch.allclose(ensemble_grad, ce_grad, atol=1e-7)
 
@@ -141,19 +145,21 @@ def test_okddip_attention_by_hand():
     e = math.e
     assert torch.allclose(alpha, torch.tensor([[1 / (1 + e), e / (1 + e)],
                                                [1 / (1 + e ** 2), e ** 2 / (1 + e ** 2)]]))
-    assert torch.allclose(attention(torch.randn(3, 5, 8)).sum(-1), torch.ones(5, 3))  # every row sums to 1
+    # Every row sums to 1.
+    assert torch.allclose(attention(torch.randn(3, 5, 8)).sum(-1), torch.ones(5, 3))
 
 
 def test_okddip_target_by_hand():
     alpha = torch.tensor([[[0.25, 0.75], [0.5, 0.5]]])                  # (B=1, A=2, A=2)
     peers = torch.tensor([[[4.0, 0.0]], [[0.0, 4.0]]])                  # (A=2, B=1, C=2)
     # t_0 = 0.25 z_0 + 0.75 z_1 = [1, 3]; t_1 = 0.5 z_0 + 0.5 z_1 = [2, 2]
-    assert torch.allclose(attention_targets(peers, alpha), torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]]]))
+    assert torch.allclose(attention_targets(peers, alpha),
+                          torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]]]))
 
 
 def test_okddip_equals_peer_loop_target_not_detached():
-    z, y = stack(m=4, seed=4)                                           # 3 auxiliary peers + the leader
-    alpha = F.softmax(torch.randn(5, 3, 3), -1)                         # (B, A, A)
+    z, y = stack(m=4, seed=4)                         # 3 auxiliary peers + the leader
+    alpha = F.softmax(torch.randn(5, 3, 3), -1)       # (B, A, A)
 
     def loop(z, alpha):
         peers, leader = z[:3], z[3]
@@ -177,12 +183,13 @@ def test_okddip_attention_weights_receive_gradient():
     attention = PeerAttention(feature_dim=16)
     z, y = stack(m=3, seed=5)
     feats = torch.randn(2, 5, 16)
-    loss, _ = okddip_loss(z[:2], z[2], attention(feats), y, temperature=T, kd_weight=1.0, rampup=1.0)
+    loss, _ = okddip_loss(z[:2], z[2], attention(feats), y, temperature=T, kd_weight=1.0,
+                          rampup=1.0)
     loss.backward()
     assert attention.query.weight.grad.abs().sum() > 0 and attention.key.weight.grad.abs().sum() > 0
 
 
-# ----------------------------------------------------------------------------- CL's gradient scaling
+# --------------------------------------------------------------------------- CL's gradient scaling
 def test_scale_gradient_identity_forward_one_mth_backward():
     x = torch.randn(2, 3, requires_grad=True)
     y = scale_gradient(x, 1.0 / 3)
@@ -240,10 +247,11 @@ EXPECTED = {  # method: (views, eval keys, deployed key)
 
 
 def test_methods_are_listed_once_in_the_papers_order():
-    assert list(train.METHODS) == ["dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk", "dkel",
-                                   "kd"]
+    assert list(train.METHODS) == ["dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk",
+                                   "dkel", "kd"]
     assert cli.build_parser().parse_args(["--method", "okddip"]).method == "okddip"
-    assert [train.METHODS[m].label for m in ("dk", "dkel", "okddip")] == ["PCL+L_dk", "DKEL", "OKDDip"]
+    labels = [train.METHODS[m].label for m in ("dk", "dkel", "okddip")]
+    assert labels == ["PCL+L_dk", "DKEL", "OKDDip"]
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -299,7 +307,8 @@ def test_kdcl_gives_network_k_view_k_and_one_the_gated_ensemble():
 def cifar_shaped(num_classes=10):
     """A data set of one 32x32 image, as build_method and load_teacher see a data set."""
     image, label = torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
-    return datasets.ImageData("synthetic", image, label, image, label, (0.5,) * 3, (0.25,) * 3, num_classes)
+    return datasets.ImageData("synthetic", image, label, image, label, (0.5,) * 3, (0.25,) * 3,
+                              num_classes)
 
 
 def test_baseline_ignores_num_peers():
@@ -308,10 +317,12 @@ def test_baseline_ignores_num_peers():
 
 
 def test_offline_kd_loss_by_hand():
-    # Two classes, label 0: the student s = (0, 0), the teacher t = (ln 3, 0), T = 2, lambda 2, r 0.5.
-    student, teacher = torch.zeros(1, 1, 2, requires_grad=True), torch.tensor([[math.log(3.0), 0.0]])
-    loss, parts = offline_kd_loss(student, teacher, torch.tensor([0]), temperature=2.0, kd_weight=2.0,
-                                  rampup=0.5)
+    # Two classes, label 0: the student s = (0, 0), the teacher t = (ln 3, 0), T = 2, lambda 2,
+    # r 0.5.
+    student = torch.zeros(1, 1, 2, requires_grad=True)
+    teacher = torch.tensor([[math.log(3.0), 0.0]])
+    loss, parts = offline_kd_loss(student, teacher, torch.tensor([0]), temperature=2.0,
+                                  kd_weight=2.0, rampup=0.5)
     p_teacher = [3 ** 0.5 / (3 ** 0.5 + 1), 1 / (3 ** 0.5 + 1)]      # softmax(t / 2)
     kd = 4 * sum(p * math.log(p / 0.5) for p in p_teacher)           # T^2 KL(p_t || (1/2, 1/2))
     assert parts["kd"].item() == pytest.approx(kd, rel=1e-5)
@@ -320,10 +331,12 @@ def test_offline_kd_loss_by_hand():
 
 
 def test_kd_teacher_is_loaded_frozen_and_never_checkpointed(tmp_path):
-    teacher_net = fake_finished_run(tmp_path, arch="resnet20")   # another architecture than the student
+    # Another architecture than the student.
+    teacher_net = fake_finished_run(tmp_path, arch="resnet20")
     method = build("kd", teacher=load_teacher(str(tmp_path), cifar_shaped()))
     assert method.num_views == 1 and method.deployed_keys() == ["student_peer0"]
-    assert list(method.modules()) == ["student"]                 # reloaded from the teacher run on resume
+    # Reloaded from the teacher run on resume.
+    assert list(method.modules()) == ["student"]
     views, labels = torch.randn(1, 4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.set_mode(True)
     assert method.net.training and not method.teacher.training
@@ -333,7 +346,7 @@ def test_kd_teacher_is_loaded_frozen_and_never_checkpointed(tmp_path):
     assert all(p.grad is not None for p in method.trainable_parameters())
     with torch.no_grad():
         logits = method.eval_logits(views[0])
-        expected = teacher_net.eval()(views[0])                  # the network saved in the run
-        student = method.net(views[0]).logits                    # (1, B, C), train mode as in the step
+        expected = teacher_net.eval()(views[0])  # the network saved in the run
+        student = method.net(views[0]).logits    # (1, B, C), train mode as in the step
     assert torch.allclose(logits["teacher"], expected, atol=1e-5)
     assert parts["kd"].item() == pytest.approx(kl_reference(expected, student[0]).item(), rel=1e-4)

@@ -1,5 +1,6 @@
-"""compare.py: every experiment's table and figure from tiny runs (or from run directories written
-by hand), missing runs listed, the paper's numbers, --list / --cell, and the --gpus process pool."""
+"""compare.py and its sweep.py: every experiment's table and figure from tiny runs (or from run
+directories written by hand), missing runs listed, the paper's numbers, --list / --cell, and the
+--gpus process pool."""
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import pytest
 
 import cli
 import compare
+import sweep
 
 pytestmark = pytest.mark.usefixtures("small_data")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,7 +27,8 @@ def finished_by_hand(runs_dir, name, final, best, train_argv):
     """A run directory made with train.py's `train_argv` whose summary.json says it finished with
     these accuracies."""
     config_by_hand(runs_dir / name, train_argv)
-    summary = {"headline_final_deployed_mean": final, "paper_convention_best_peer_best_epoch": {"acc": best}}
+    summary = {"headline_final_deployed_mean": final,
+               "paper_convention_best_peer_best_epoch": {"acc": best}}
     (runs_dir / name / "summary.json").write_text(json.dumps(summary))
 
 
@@ -48,7 +51,8 @@ def test_paper_results_csv_reads_like_the_papers_tables():
     tables = compare.paper_tables()
     assert {name: len(rows) for name, rows in tables.items()} == {
         "table1": 10, "table2": 2, "table3": 2, "table4": 4, "fig6": 2}
-    cells = {(name, row["dataset"], row["network"]): row for name, rows in tables.items() for row in rows}
+    cells = {(name, row["dataset"], row["network"]): row
+             for name, rows in tables.items() for row in rows}
     assert list(cells["table1", "cifar10", "vgg16"])[3:] == [  # the paper's column order
         "dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dkel"]
     assert list(cells["table2", "tinyimagenet", "resnet18"])[3:] == [  # Table 2's row order
@@ -88,8 +92,8 @@ def test_paper_tables_agree_where_they_repeat_a_run():
 
 
 def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
-    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "pcl", "dkel", "--seeds", "0", "1",
-            "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "pcl", "dkel",
+            "--seeds", "0", "1", "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
     assert compare.main(argv) == 0
     finals = []
     for seed in (0, 1):
@@ -101,7 +105,8 @@ def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
     assert "| synthetic resnet8 | " in table and f"{mean:.2f}±{std:.2f} (n=2)" in table
     assert (tmp_path / "table1_synthetic.png").read_bytes()[:8] == PNG_SIGNATURE
     # Read-only: a run that does not exist is listed, not skipped, and the exit code says so.
-    read_only = argv[:6] + ["--seeds", "0", "7", "--epochs", "1", "--read-only", "--runs-dir", str(tmp_path)]
+    read_only = argv[:6] + ["--seeds", "0", "7", "--epochs", "1", "--read-only",
+                            "--runs-dir", str(tmp_path)]
     assert compare.main([*read_only, *TINY_TRAINING]) == 1
     table = (tmp_path / "table1_synthetic.md").read_text()
     assert f"{os.path.join(str(tmp_path), 'synthetic_resnet8_pcl_seed7')}: missing" in table
@@ -116,9 +121,10 @@ def test_failed_run_is_listed(tmp_path):
 
 
 def test_table2_trains_kd_from_its_baseline_run(tmp_path):
-    argv = ["--experiment", "table2", "--archs", "resnet8", "--methods", "baseline", "kd", "--seeds", "0",
-            "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
-    assert compare.main(argv) == 0       # tinyimagenet by name; the fixture loads the tiny synthetic set
+    argv = ["--experiment", "table2", "--archs", "resnet8", "--methods", "baseline", "kd",
+            "--seeds", "0", "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
+    # tinyimagenet by name; the fixture loads the tiny synthetic set
+    assert compare.main(argv) == 0
     kd_dir = tmp_path / "tinyimagenet_resnet8_kd_teacher-resnet8_seed0"
     with open(kd_dir / "config.json") as f:
         assert json.load(f)["teacher_run"] == str(tmp_path / "tinyimagenet_resnet8_baseline_seed0")
@@ -140,7 +146,8 @@ READ_BACK = {
     "table3": ("cifar100_resnet32_dk_seed0",
                ["--dataset", "cifar100", "--arch", "resnet32", "--method", "dk"],
                "| network | PCL | PCL+L_dk | DKEL |",
-               "| cifar100 resnet32 | — (74.14±0.05) | 61.50 (n=1) (74.67) | — (74.83±0.12) |",
+               "| cifar100 resnet32 | — (74.14±0.05) | 61.50 (n=1) (74.67) | "
+               "— (74.83±0.12) |",
                "| cifar10 resnet32 | — (94.33±0.06) | — (94.54) | — (94.56±0.06) |", 5),
     "table4": ("cifar100_densenet40_12_dkel_beta0.2_seed0",
                ["--dataset", "cifar100", "--arch", "densenet40_12", "--beta", "0.2"],
@@ -151,8 +158,8 @@ READ_BACK = {
                "— (72.78±0.18) |", 19),
     "fig6": ("cifar10_densenet40_12_dkel_k20_seed0",
              ["--dataset", "cifar10", "--arch", "densenet40_12", "--init-iters", "20"],
-             "| setting | resnet32 cifar10 | resnet32 cifar100 | densenet40_12 cifar10 | densenet40_12 "
-             "cifar100 |",
+             "| setting | resnet32 cifar10 | resnet32 cifar100 | densenet40_12 cifar10 | "
+             "densenet40_12 cifar100 |",
              "| k = 20 | — | — | 61.50 (n=1) | — |",
              "| k = 1 | — (94.56) | — (74.83) | — | — |", 19),
     "fig7": ("cifar10_resnet32_dkel_decaycos_seed0",
@@ -181,7 +188,8 @@ def test_each_experiment_reads_its_runs_back(tmp_path, experiment):
 
 def test_table3_and_table4_say_what_the_paper_has_that_we_do_not(tmp_path):
     assert compare.main(["--experiment", "table3", "--runs-dir", str(tmp_path), "--read-only"]) == 1
-    assert "94.35 (cifar10) / 74.64 (cifar100)" in (tmp_path / "table3_cifar10_cifar100.md").read_text()
+    table3 = (tmp_path / "table3_cifar10_cifar100.md").read_text()
+    assert "94.35 (cifar10) / 74.64 (cifar100)" in table3
     assert compare.main(["--experiment", "table4", "--runs-dir", str(tmp_path), "--read-only"]) == 1
     table = (tmp_path / "table4_cifar10_cifar100.md").read_text()
     printed = ["94.62 76.87 93.95 73.36", "94.25 76.73 93.97 73.21", "94.59 76.74 93.85 72.82",
@@ -191,7 +199,8 @@ def test_table3_and_table4_say_what_the_paper_has_that_we_do_not(tmp_path):
 
 
 def test_deployed_curve_reads_the_evaluated_epochs(tmp_path):
-    rows = "epoch,lr,acc_deployed_mean\n1,0.1,\n2,0.1,50.5\n3,0.01,\n4,0.01,60.0\n"  # evaluated every 2nd
+    # Evaluated every 2nd epoch.
+    rows = "epoch,lr,acc_deployed_mean\n1,0.1,\n2,0.1,50.5\n3,0.01,\n4,0.01,60.0\n"
     (tmp_path / "metrics.csv").write_text(rows)
     assert compare.deployed_curve(str(tmp_path)) == {2: 50.5, 4: 60.0}
 
@@ -203,7 +212,8 @@ def test_list_prints_the_grid_and_cell_trains_one_run(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5
     for line, k in zip(lines, (1, 2, 5, 10, 20)):
-        assert line.startswith("python train.py --dataset synthetic --arch resnet8 --method dkel --seed 0")
+        assert line.startswith("python train.py --dataset synthetic --arch resnet8 --method dkel "
+                               "--seed 0")
         assert f"synthetic_resnet8_dkel_k{k}_seed0 --init-iters {k} --epochs 1" in line
         assert line.endswith("--batch-size 64 --device cpu")
     assert compare.main([*argv, "--cell", "3", *TINY_TRAINING]) == 0
@@ -220,13 +230,15 @@ def test_list_prints_the_grid_and_cell_trains_one_run(tmp_path, capsys):
 
 
 def test_list_puts_a_kd_teacher_run_before_its_student(tmp_path, capsys):
-    argv = ["--experiment", "table2", "--dataset", "synthetic", "--archs", "resnet8", "--methods", "kd",
-            "--kd-teacher-arch", "resnet20", "--seeds", "0", "--runs-dir", str(tmp_path), "--list"]
+    argv = ["--experiment", "table2", "--dataset", "synthetic", "--archs", "resnet8",
+            "--methods", "kd", "--kd-teacher-arch", "resnet20", "--seeds", "0",
+            "--runs-dir", str(tmp_path), "--list"]
     assert compare.main(argv) == 0
     teacher_line, student_line = capsys.readouterr().out.splitlines()
     teacher_dir = os.path.join(str(tmp_path), "synthetic_resnet20_baseline_seed0")
     assert f"--arch resnet20 --method baseline --seed 0 --out-dir {teacher_dir}" in teacher_line
-    assert student_line.endswith(f"synthetic_resnet8_kd_teacher-resnet20_seed0 --teacher-run {teacher_dir}")
+    assert student_line.endswith(
+        f"synthetic_resnet8_kd_teacher-resnet20_seed0 --teacher-run {teacher_dir}")
 
 
 class StandInChild:
@@ -253,17 +265,18 @@ class StandInChild:
 
 @pytest.fixture
 def stand_in_children(monkeypatch):
-    monkeypatch.setattr(compare.subprocess, "Popen", StandInChild)
-    monkeypatch.setattr(compare, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(sweep.subprocess, "Popen", StandInChild)
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.01)
     monkeypatch.setattr(StandInChild, "started", [])
     return StandInChild
 
 
 def test_gpus_run_one_child_per_listed_device_at_a_time(tmp_path, stand_in_children):
-    argv = ["--experiment", "table2", "--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline",
-            "kd", "dml", "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--gpus", "3", "5", "--",
-            "--batch-size", "64"]
-    assert compare.main(argv) == 1       # the stand-ins write no summary: every run is listed missing
+    argv = ["--experiment", "table2", "--dataset", "synthetic", "--archs", "resnet8",
+            "--methods", "baseline", "kd", "dml", "--seeds", "0", "1", "--runs-dir", str(tmp_path),
+            "--gpus", "3", "5", "--", "--batch-size", "64"]
+    # The stand-ins write no summary: every run is listed missing.
+    assert compare.main(argv) == 1
     children = stand_in_children.started
     assert len(children) == 6 and {child.gpu for child in children} == {"3", "5"}
     for child in children:                                      # never two runs on one device
@@ -282,10 +295,12 @@ def test_gpus_run_one_child_per_listed_device_at_a_time(tmp_path, stand_in_child
 
 
 # ----------------------------------------------------------------------------- runs made otherwise
-def test_a_run_made_with_other_settings_is_named_not_tabulated_and_retrained_on_request(tmp_path, capsys):
+def test_a_run_made_with_other_settings_is_named_not_tabulated_and_retrained_on_request(
+        tmp_path, capsys):
     run = tmp_path / "synthetic_resnet8_baseline_seed0"
-    finished_by_hand(tmp_path, run.name, 61.5, 62.25, ["--dataset", "synthetic", "--arch", "resnet8",
-                                                       "--method", "baseline", "--epochs", "2"])
+    finished_by_hand(tmp_path, run.name, 61.5, 62.25,
+                     ["--dataset", "synthetic", "--arch", "resnet8", "--method", "baseline",
+                      "--epochs", "2"])
     grid = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "--seeds", "0",
             "--runs-dir", str(tmp_path)]
     assert compare.main([*grid, "--epochs", "2", "--read-only"]) == 0  # as it was made
@@ -304,13 +319,16 @@ def test_a_run_made_with_other_settings_is_named_not_tabulated_and_retrained_on_
     capsys.readouterr()
     assert compare.main([*grid, "--epochs", "1"]) == 2
     err = capsys.readouterr().err
-    assert f"{run}: --epochs: 2 -> 1" in err and "--runs-dir" in err and "--retrain-mismatched" in err
+    assert f"{run}: --epochs: 2 -> 1" in err
+    assert "--runs-dir" in err and "--retrain-mismatched" in err
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     # --retrain-mismatched moves it aside and trains it again (one epoch of two steps).
-    assert compare.main([*grid, "--epochs", "1", "--retrain-mismatched", "--", "--device", "cpu"]) == 0
+    retrain = [*grid, "--epochs", "1", "--retrain-mismatched", "--", "--device", "cpu"]
+    assert compare.main(retrain) == 0
     assert json.loads((run / "config.json").read_text())["epochs"] == 1
     assert (run / "summary.json").exists()
-    assert json.loads((tmp_path / f"{run.name}.mismatched-1" / "config.json").read_text())["epochs"] == 2
+    aside = tmp_path / f"{run.name}.mismatched-1"
+    assert json.loads((aside / "config.json").read_text())["epochs"] == 2
     table = (tmp_path / "table1_synthetic.md").read_text()
     assert "(n=1)" in table and "61.50" not in table
 
@@ -336,9 +354,9 @@ def test_a_sequential_sweep_ends_at_a_terminated_run(tmp_path, monkeypatch, caps
         calls.append(argv)
         return 143
 
-    monkeypatch.setattr(compare.train, "main", terminated)
-    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel", "--seeds", "0",
-            "--runs-dir", str(tmp_path)]
+    monkeypatch.setattr(sweep.train, "main", terminated)
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
+            "--seeds", "0", "--runs-dir", str(tmp_path)]
     assert compare.main(argv) == 143
     assert len(calls) == 1
     err = capsys.readouterr().err
@@ -346,7 +364,8 @@ def test_a_sequential_sweep_ends_at_a_terminated_run(tmp_path, monkeypatch, caps
     assert "python compare.py " + " ".join(argv) in err
 
 
-def test_gpus_pass_a_stop_signal_on_to_their_children(tmp_path, stand_in_children, monkeypatch, capsys):
+def test_gpus_pass_a_stop_signal_on_to_their_children(tmp_path, stand_in_children, monkeypatch,
+                                                       capsys):
     sent = []
 
     class TerminatedWhileRunning(StandInChild):
@@ -359,7 +378,7 @@ def test_gpus_pass_a_stop_signal_on_to_their_children(tmp_path, stand_in_childre
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().poll()
 
-    monkeypatch.setattr(compare.subprocess, "Popen", TerminatedWhileRunning)
+    monkeypatch.setattr(sweep.subprocess, "Popen", TerminatedWhileRunning)
     argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
             "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--gpus", "3", "5"]
     assert compare.main(argv) == 143
@@ -374,7 +393,7 @@ def test_list_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
     read_end, write_end = os.pipe()
     os.close(read_end)  # `compare.py --list | head`: the reader has gone
     with open(write_end, "w") as closed_pipe:
-        monkeypatch.setattr(compare.sys, "stdout", closed_pipe)
+        monkeypatch.setattr(sweep.sys, "stdout", closed_pipe)
         assert compare.main(["--runs-dir", str(tmp_path), "--list"]) == 128 + signal.SIGPIPE
         closed_pipe.write("at exit, Python flushes stdout once more\n")
         closed_pipe.flush()

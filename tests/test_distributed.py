@@ -23,8 +23,8 @@ import train
 from methods import DKEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json", "curves.png",
-             ".lock"}
+RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json",
+             "curves.png", ".lock"}
 FLAGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batch-size", "32",
          "--device", "cpu"]
 
@@ -43,14 +43,17 @@ sys.path.insert(0, os.environ["PROJECT"])
 import train
 rank, die_at = int(os.environ["RANK"]), int(os.environ.get("DIE_AT_EPOCH", -1))
 sigterm_at = int(os.environ.get("SIGTERM_AT_STEP", -1))
-train_size, test_size = int(os.environ.get("TRAIN_IMAGES", 64)), int(os.environ.get("TEST_IMAGES", 32))
-real_save, real_weights, real_step = train.rundir.save_checkpoint, train.epoch_weights, train.student_step
+train_size = int(os.environ.get("TRAIN_IMAGES", 64))
+test_size = int(os.environ.get("TEST_IMAGES", 32))
+real_save, real_weights = train.rundir.save_checkpoint, train.epoch_weights
+real_step = train.student_step
 steps = []
 
 def tiny(name, data_dir, device, seed=0):
     images, labels = train.datasets.make_synthetic(train_size + test_size, seed)
-    return train.datasets.ImageData(name, images[:train_size], labels[:train_size], images[train_size:],
-                                    labels[train_size:], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10)
+    return train.datasets.ImageData(name, images[:train_size], labels[:train_size],
+                                    images[train_size:], labels[train_size:], (0.5, 0.5, 0.5),
+                                    (0.25, 0.25, 0.25), 10)
 
 def save(out_dir, modules, optimizer, scheduler, state, config):
     nets = {name: module.state_dict() for name, module in modules.items()}
@@ -83,15 +86,17 @@ sys.exit(code)
 def torchrun(out_dir, *flags, die_at=None, **settings):
     """train.py (through WORKER) on 2 CPU processes; torchrun waits 2 s between its checks of the
     workers, so that rank 0 has the time to say that rank 1 died before torchrun stops it.
-    `settings`: WORKER's other environment variables (SIGTERM_AT_STEP, TRAIN_IMAGES, TEST_IMAGES)."""
+    `settings`: WORKER's other environment variables (SIGTERM_AT_STEP, TRAIN_IMAGES,
+    TEST_IMAGES)."""
     worker = out_dir.parent / "worker.py"
     worker.write_text(WORKER)
     env = {**os.environ, "PROJECT": ROOT, "OUT_DIR": str(out_dir), "OMP_NUM_THREADS": "1",
            **{name: str(value) for name, value in settings.items()}}
     if die_at is not None:
         env["DIE_AT_EPOCH"] = str(die_at)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "--monitor-interval", "2", str(worker), *FLAGS, "--out-dir", str(out_dir), *flags]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", "--monitor-interval", "2", str(worker), *FLAGS,
+               "--out-dir", str(out_dir), *flags]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -120,12 +125,14 @@ def test_torchrun_run_writes_one_run_directory(straight):
     assert run_dirs == ["run"]
     assert json.load(open(out_dir / "config.json"))["world_size"] == 2
     assert [row["epoch"] for row in read_metrics(out_dir)] == ["1", "2"]
-    assert result.stdout.count("epoch 1/2 ") == 1 and result.stdout.count("headline") == 1  # rank 0 only
+    # Rank 0 only.
+    assert result.stdout.count("epoch 1/2 ") == 1 and result.stdout.count("headline") == 1
 
 
 def test_teacher_and_student_are_identical_on_every_rank(straight):
     out_dir, _ = straight
-    saved = {(r, e): nets(f"{out_dir}.rank{r}.epoch{e}.pt") for r in (0, 1) for e in (1, 2)}  # (rank, epoch)
+    # (rank, epoch) -> its networks
+    saved = {(r, e): nets(f"{out_dir}.rank{r}.epoch{e}.pt") for r in (0, 1) for e in (1, 2)}
     for epoch in (1, 2):
         for name in ("teacher", "student"):
             rank0, rank1 = saved[0, epoch][name], saved[1, epoch][name]
@@ -134,7 +141,8 @@ def test_teacher_and_student_are_identical_on_every_rank(straight):
                 assert torch.equal(value, rank1[key]), f"epoch {epoch} {name}.{key}"
     checkpoint = nets(out_dir / "checkpoint.pt")  # what rank 0 saved is what every rank holds
     assert all(torch.equal(v, checkpoint["teacher"][k]) for k, v in saved[1, 2]["teacher"].items())
-    moved = [not torch.equal(v, saved[1, 2]["teacher"][k]) for k, v in saved[1, 1]["teacher"].items()]
+    moved = [not torch.equal(v, saved[1, 2]["teacher"][k])
+             for k, v in saved[1, 1]["teacher"].items()]
     assert any(moved)  # Eq. (5) in epoch 2
 
 
@@ -163,7 +171,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_co
     out_dir, small = tmp_path / "run", {"TRAIN_IMAGES": 96, "TEST_IMAGES": 1}
     stopped = torchrun(out_dir, "--batch-size", "8", SIGTERM_AT_STEP=14, **small)
     assert [(out_dir.parent / f"run.rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"]
-    assert "error: stopped by SIGTERM: the 1 finished epoch(s) are saved" in stopped.stderr  # rank 0's line
+    # Rank 0's line.
+    assert "error: stopped by SIGTERM: the 1 finished epoch(s) are saved" in stopped.stderr
     assert "exitcode  : 143" in stopped.stderr  # torchrun's report names the ranks' code
     assert stopped.returncode == 1  # torchrun's own code whenever a rank fails
     assert nets(out_dir / "checkpoint.pt")["epoch"] == 1 and len(read_metrics(out_dir)) == 1
@@ -176,12 +185,14 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_co
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_the_ranks_slices_are_the_one_process_batch(world):
-    images, labels = datasets.make_synthetic(52, seed=0)  # 3 batches of 16, the last 4 images dropped
-    data = datasets.ImageData("synthetic", images, labels, images[:1], labels[:1], (0.5,) * 3, (0.25,) * 3,
-                              num_classes=10)
+    # 3 batches of 16, the last 4 images dropped.
+    images, labels = datasets.make_synthetic(52, seed=0)
+    data = datasets.ImageData("synthetic", images, labels, images[:1], labels[:1], (0.5,) * 3,
+                              (0.25,) * 3, num_classes=10)
 
     def epoch(part):
-        return list(datasets.train_batches(data, 16, 3, datasets.epoch_generator(0, 5, data.device), part))
+        generator = datasets.epoch_generator(0, 5, data.device)
+        return list(datasets.train_batches(data, 16, 3, generator, part))
 
     single, slices = epoch((0, 1)), [epoch((rank, world)) for rank in range(world)]
     assert len(single) == 3 and all(len(s) == 3 for s in slices)
@@ -194,8 +205,8 @@ def test_the_ranks_slices_are_the_one_process_batch(world):
 
 def dkel(seed=0):
     torch.manual_seed(seed)
-    return DKEL(models.multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
-                init_iters=0, init_lr=0.1)
+    return DKEL(models.multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0,
+                ema_decay=0.999, init_iters=0, init_lr=0.1)
 
 
 def test_a_rank_whose_share_of_the_split_is_empty_counts_zero_under_every_name(monkeypatch):
@@ -221,7 +232,8 @@ class StandInSyncBatchNorm:
     calls = []
 
     @staticmethod
-    def apply(images, weight, bias, running_mean, running_var, eps, momentum, process_group, world_size):
+    def apply(images, weight, bias, running_mean, running_var, eps, momentum, process_group,
+              world_size):
         StandInSyncBatchNorm.calls.append(len(images))
         return F.batch_norm(images, running_mean, running_var, weight, bias, True, momentum, eps)
 
@@ -229,7 +241,8 @@ class StandInSyncBatchNorm:
 @pytest.fixture
 def one_process_group(tmp_path):
     """The gloo process group of a torchrun run with one process."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -252,28 +265,34 @@ def test_sync_bn_keeps_each_views_statistics_and_the_parameter_objects(monkeypat
     # SyncBatchNorm synchronises on a GPU of a world larger than 1: the stand-in, on the CPU.
     monkeypatch.setattr(torch.nn.modules.batchnorm, "sync_batch_norm", StandInSyncBatchNorm)
     monkeypatch.setattr(StandInSyncBatchNorm, "calls", [])
-    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "cpu")  # passes its device check
+    # Passes its device check.
+    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "cpu")
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     views = torch.randn(3, 4, 3, 32, 32)                                         # (M, B, 3, H, W)
     student = method.student
     out = student.run_trunk(views)                                               # (M, B, ...)
     # M separate passes of one-process BatchNorm, one view each
     expected = torch.stack([reference.trunk(views[i]) for i in range(3)])        # (M, B, ...)
-    assert StandInSyncBatchNorm.calls == [4] * 3 * 6  # each trunk layer: one synchronised pass per view
+    # Each trunk layer: one synchronised pass per view.
+    assert StandInSyncBatchNorm.calls == [4] * 3 * 6
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
-    for (name, a), (_, b) in zip(student.trunk.state_dict().items(), reference.trunk.state_dict().items(),
-                                 strict=True):  # running statistics updated M times, view after view
+    # Running statistics updated M times, view after view.
+    for (name, a), (_, b) in zip(student.trunk.state_dict().items(),
+                                 reference.trunk.state_dict().items(), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
-    assert all(bn.views == 1 for bn in student.trunk.modules() if isinstance(bn, models.ViewSyncBatchNorm2d))
+    assert all(bn.views == 1 for bn in student.trunk.modules()
+               if isinstance(bn, models.ViewSyncBatchNorm2d))
 
 
 @pytest.mark.usefixtures("small_data")
-def test_the_lock_of_a_killed_holder_blocks_no_resume_and_another_world_size_is_refused(straight, capsys):
+def test_the_lock_of_a_killed_holder_blocks_no_resume_and_another_world_size_is_refused(
+        straight, capsys):
     out_dir, _ = straight
     resume = [*FLAGS, "--out-dir", str(out_dir), "--resume"]
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
-                               str(out_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out_dir / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         assert train.main(resume) == 2
@@ -283,7 +302,8 @@ def test_the_lock_of_a_killed_holder_blocks_no_resume_and_another_world_size_is_
         holder.wait()
     # Past the lock, the resumption reaches the checkpoint, which 2 processes made: one is refused.
     assert train.main(resume) == 2
-    assert "trained by 2 process(es) (torchrun's world size) and this run has 1" in capsys.readouterr().err
+    assert ("trained by 2 process(es) (torchrun's world size) and this run has 1"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.usefixtures("small_data")
@@ -292,6 +312,7 @@ def test_the_lock_of_a_killed_holder_blocks_no_resume_and_another_world_size_is_
     (["--sync-bn"], "--sync-bn needs CUDA"),
 ])
 def test_flags_that_depend_on_the_world_size(tmp_path, capsys, monkeypatch, flags, message):
-    monkeypatch.setenv("WORLD_SIZE", "3" if "--batch-size" in flags else "2")  # checked before joining
+    # Checked before joining.
+    monkeypatch.setenv("WORLD_SIZE", "3" if "--batch-size" in flags else "2")
     assert train.main([*FLAGS, "--out-dir", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
