@@ -165,9 +165,9 @@ class OnlineDistillation(Method):
         # NOTE(paper): a remedy the paper does not have (docs/training.md, issue #20). h classifies
         # the M stacked pooled features, all >= 0 (mean ~1 at initialisation), so the curvature of
         # L_ce(e, y) in h's weights is ~M times a peer classifier's: lr * lambda_max(E[f f^T]) / C
-        # ~ 2.0 for M = 3 at lr 0.1, past Nesterov's (momentum 0.9) stability limit ~1.36. e's
-        # logits blow up in the first steps, its gradient drives the pooled features to zero and
-        # the peers can stay at chance. lr / M gives h a peer classifier's step size.
+        # ~ 2.0 for resnet20 (M = 3, lr 0.1), past the stability limit ~1.36 of Nesterov momentum
+        # 0.9. e's logits blow up in the first steps, its gradient drives the pooled features to
+        # zero and the peers can stay at chance. lr / M gives h a peer classifier's step size.
         head = list(self.student.ensemble_head.parameters())
         rest = [p for p in parameters if all(p is not q for q in head)]
         return [{"params": rest}, {"params": head, "lr_scale": 1.0 / self.student.num_peers}]
