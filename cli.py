@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="hold this many training images out (stratified, fixed by --seed) to choose the "
            "deployed peer and epoch on; 0: no selection, the deployed model is peer 0 at the final "
            "epoch")
+    a("--ensemble-lr-per-peer", action="store_true",
+      help="pcl/dk/dkel, not in the paper: the ensemble head h of Eq. (3) learns at lr/M, a peer "
+           "classifier's step size. h sees M stacked non-negative features, ~M times a peer "
+           "classifier's curvature: at lr 0.1 it is unstable and can stall the peers near chance "
+           "on some seeds (docs/training.md). A fixed 1/M from that curvature, not a tuned value")
     a("--authors-code", action="store_true",
       help="every --authors-* behaviour below at once: the authors' code as they ran it "
            "(docs/spec.md Sec. 8)")
@@ -155,6 +160,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.rampup_epochs < 0, f"--rampup-epochs must be >= 0, got {args.rampup_epochs}"),
         (args.init_iters < 0, f"--init-iters must be >= 0, got {args.init_iters}"),
         (args.val_size < 0, f"--val-size must be >= 0, got {args.val_size}"),
+        (args.ensemble_lr_per_peer and args.method not in ("pcl", "dk", "dkel"),
+         "--ensemble-lr-per-peer is for --method pcl, dk or dkel only"),
         (args.lr <= 0 or args.init_lr <= 0, "--lr and --init-lr must be > 0"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.eval_every < 1, f"--eval-every must be >= 1, got {args.eval_every}"),

@@ -38,8 +38,9 @@ class Method(abc.ABC):
     Evaluation: `eval_logits(images)` gives every output's test logits (docs/spec.md Sec. 4), of
     which `deployed_keys()` are the deployed model's; `deployable(key)` cuts that output out as a
     plain network. `modules()` are what a checkpoint holds, `trainable_parameters()` what the
-    optimizer trains. The training forward, `training_forward`, is the one callable that
-    torch.compile and DistributedDataParallel wrap (`wrap_training_forward`).
+    optimizer trains (parameters, or parameter groups whose "lr_scale" scales the lr: train.sgd).
+    The training forward, `training_forward`, is the one callable that torch.compile and
+    DistributedDataParallel wrap (`wrap_training_forward`).
     """
     label = ""                  # the method's column header in the paper's tables
     num_views = 1               # augmented views of each image that a step needs
@@ -97,8 +98,9 @@ class OnlineDistillation(Method):
 
     def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float, ema_decay: float,
                  device: torch.device | str = "cpu", authors_ema_warmup: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, ensemble_lr_per_peer: bool = False):
         self.temperature, self.kd_weight = temperature, kd_weight
+        self.ensemble_lr_per_peer = ensemble_lr_per_peer
         self.student = student.to(device)
         self.teacher = self.make_teacher(ema_decay, authors_ema_warmup, compile)
         # NHWC convolutions: the tensor cores' layout on CUDA, and about 1.3x faster than NCHW for
@@ -155,6 +157,22 @@ class OnlineDistillation(Method):
         # The teacher stays in train mode while training: batch-statistics BatchNorm (ema.py).
         return {"student": self.student, "teacher": self.teacher.network}
 
+    def trainable_parameters(self) -> list:
+        """The student's parameters; with `ensemble_lr_per_peer`, two groups: the Eq. (3) head's
+        at 1/M of the learning rate ("lr_scale", train.sgd), every other at the full rate."""
+        parameters = super().trainable_parameters()
+        if not self.ensemble_lr_per_peer:
+            return parameters
+        # NOTE(paper): a remedy the paper does not have (docs/training.md, issue #20). h classifies
+        # the M stacked pooled features, all >= 0 (mean ~1 at initialisation), so the curvature of
+        # L_ce(e, y) in h's weights is ~M times a peer classifier's: lr * lambda_max(E[f f^T]) / C
+        # ~ 2.0 for resnet20 (M = 3, lr 0.1), past the stability limit ~1.36 of Nesterov momentum
+        # 0.9. e's logits blow up in the first steps, its gradient drives the pooled features to
+        # zero and the peers can stay at chance. lr / M gives h a peer classifier's step size.
+        head = list(self.student.ensemble_head.parameters())
+        rest = [p for p in parameters if all(p is not q for q in head)]
+        return [{"params": rest}, {"params": head, "lr_scale": 1.0 / self.student.num_peers}]
+
 
 class PCL(OnlineDistillation):
     """Eq. (2): PCL's peer mean teacher (Eq. (4), L_pm), no initialisation (Table 3, row 1)."""
@@ -170,9 +188,11 @@ class DK(OnlineDistillation):
 
     def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float, ema_decay: float,
                  init_iters: int, init_lr: float, device: torch.device | str = "cpu",
-                 authors_init: bool = False, authors_ema_warmup: bool = False, compile: bool = False):
+                 authors_init: bool = False, authors_ema_warmup: bool = False, compile: bool = False,
+                 ensemble_lr_per_peer: bool = False):
         super().__init__(student, temperature=temperature, kd_weight=kd_weight, ema_decay=ema_decay,
-                         device=device, authors_ema_warmup=authors_ema_warmup, compile=compile)
+                         device=device, authors_ema_warmup=authors_ema_warmup, compile=compile,
+                         ensemble_lr_per_peer=ensemble_lr_per_peer)
         # (iterations, lr, weight decay) of Sec. 3.3's step 2: the paper's k at --init-lr, no decay.
         # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code runs k + 1 SGD steps (its loop
         # stops after the step at which its counter reaches k) at lr 0.001 with weight decay 5e-4.

@@ -179,9 +179,19 @@ def build_method(args, data: datasets.ImageData, device: torch.device):
 
 
 def sgd(parameters, *, lr: float, momentum: float, weight_decay: float):
-    """SGD with Nesterov momentum (paper Sec. 4.2), one fused kernel over all parameters."""
+    """SGD with Nesterov momentum (paper Sec. 4.2), one fused kernel over all parameters.
+    `parameters` may be groups: a group's "lr_scale" sets its learning rate to lr_scale * lr (the
+    schedule then multiplies every group's rate by the same factors)."""
+    parameters = [scaled_group(group, lr) if isinstance(group, dict) else group for group in parameters]
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            nesterov=momentum > 0, fused=True)
+
+
+def scaled_group(group: dict, lr: float) -> dict:
+    """An optimizer parameter group with its "lr_scale", if any, turned into its learning rate."""
+    if "lr_scale" not in group:
+        return group
+    return {"lr": lr * group["lr_scale"], **{k: v for k, v in group.items() if k != "lr_scale"}}
 
 
 def autocast(device: torch.device, precision: str):

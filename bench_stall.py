@@ -1,0 +1,100 @@
+"""Check for the start-of-training stall of the multi-peer student (docs/training.md, issue #20).
+
+At the paper's settings (lr 0.1, Nesterov momentum 0.9, Sec. 4.2) the Eq. (3) ensemble head can
+overshoot in the first steps; its cross-entropy then drives the branches' pooled features to zero
+and the peers stay near chance for an epoch or more, on some seeds. This trains the DKEL student
+of train.py with train.py's own pieces (cli.resolve_args, train.build_method, train.sgd,
+Method.initialise, data.train_batches, train.student_step, Method.after_step) for --steps steps
+from each seed, with the paper's recipe and with --ensemble-lr-per-peer, and prints each run's
+peer train accuracy over its last steps. Exits 1 when a run with the remedy stays below
+1.5x chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
+
+    python bench_stall.py --data-dir /tmp/real [--arch resnet20] [--steps 40] [--seeds 0 1 2 3 4]
+"""
+import argparse
+import sys
+
+import torch
+
+import cli
+import data as datasets
+import train
+
+STALL_FACTOR = 1.5  # a run whose last steps stay below 1.5x chance accuracy has stalled
+
+
+def batches(data, batch_size: int, num_views: int, seed: int):
+    """train.py's training batches, epoch after epoch, from `seed`."""
+    epoch = 0
+    while True:
+        generator = datasets.epoch_generator(seed, epoch, data.device)
+        yield from datasets.train_batches(data, batch_size, num_views, generator)
+        epoch += 1
+
+
+def train_accuracies(args, data, steps: int) -> list[float]:
+    """The peers' mean train accuracy (%) of every step of the DKEL student's first `steps` steps,
+    as train.py trains it with `args` (the epoch weights of the first epoch throughout)."""
+    torch.manual_seed(args.seed)
+    method = train.build_method(args, data.num_classes, data.device, data.image_shape[-1])
+    optimizer = train.sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
+                          weight_decay=args.weight_decay)
+    method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))
+    weights = train.epoch_weights(args, 0)
+    method.set_mode(True)
+    accuracies = []
+    stream = batches(data, args.batch_size, method.num_views, args.seed)
+    for step in range(steps):
+        views, labels = next(stream)
+        _, parts = train.student_step(method, optimizer, views, labels, weights, args.precision)
+        method.after_step(step)
+        accuracies.append(100.0 * parts["correct"].item())
+    return accuracies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="an imagefolder tree (train/<class>/...)")
+    parser.add_argument("--arch", default="resnet20", help="architecture (default resnet20)")
+    parser.add_argument("--steps", type=int, default=40, help="SGD steps per run (default 40)")
+    parser.add_argument("--last", type=int, default=10,
+                        help="the train accuracy is the mean over this many last steps (default 10)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="as train.py --precision")
+    options = parser.parse_args()
+    if not 1 <= options.last <= options.steps:
+        parser.error(f"--last must lie within 1..--steps ({options.steps}), got {options.last}")
+    argv = ["--dataset", "imagefolder", "--data-dir", options.data_dir, "--arch", options.arch,
+            "--method", "dkel", "--epochs", "30", "--ema-decay", "0.99", "--precision", options.precision]
+    args = cli.resolve_args(argv)
+    try:
+        data = datasets.load_data(args.dataset, args.data_dir, torch.device(args.device))
+    except datasets.DataError as error:
+        parser.exit(2, f"bench_stall.py: error: {error}\n")
+    chance = 100.0 / data.num_classes
+    print(f"dkel student, {args.arch}, 3 peers, lr {args.lr}, {options.steps} steps, {args.precision}; "
+          f"train accuracy (%) of the last {options.last} steps (chance {chance:.0f}, stall below "
+          f"{STALL_FACTOR * chance:.0f})")
+    remedied_stalls = []
+    for seed in options.seeds:
+        line = [f"seed {seed}:"]
+        for remedy in (False, True):
+            args.seed, args.ensemble_lr_per_peer = seed, remedy
+            accuracies = train_accuracies(args, data, options.steps)
+            last = sum(accuracies[-options.last:]) / options.last
+            stalled = last < STALL_FACTOR * chance
+            label = "--ensemble-lr-per-peer" if remedy else "paper recipe"
+            line.append(f"{label} {last:5.1f}{' STALLED' if stalled else ''}")
+            if remedy and stalled:
+                remedied_stalls.append(seed)
+        print("  ".join(line), flush=True)
+    if remedied_stalls:
+        print(f"FAIL: with --ensemble-lr-per-peer, seeds {remedied_stalls} stay near chance")
+        return 1
+    print("OK: no run with --ensemble-lr-per-peer stays near chance")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
