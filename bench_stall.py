@@ -36,7 +36,7 @@ def train_accuracies(args, data, steps: int) -> list[float]:
     """The peers' mean train accuracy (%) of every step of the DKEL student's first `steps` steps,
     as train.py trains it with `args` (the epoch weights of the first epoch throughout)."""
     torch.manual_seed(args.seed)
-    method = train.build_method(args, data.num_classes, data.device, data.image_shape[-1])
+    method = train.build_method(args, data, data.device)
     optimizer = train.sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
     method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))

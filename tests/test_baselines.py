@@ -14,7 +14,7 @@ import train
 from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss,
                        kdcl_loss, load_teacher, min_logit_target, offline_kd_loss, okddip_loss,
                        one_loss, scale_gradient)
-from conftest import fake_finished_run
+from conftest import cifar_shaped, fake_finished_run
 from models import build_deployable, multi_peer_net
 
 T = 3.0
@@ -302,13 +302,6 @@ def test_kdcl_gives_network_k_view_k_and_one_the_gated_ensemble():
         gates = one.pieces["gate"](one.net.trunk(views[0]))             # (B, M)
         by_hand = sum(gates[:, i, None] * out.logits[i] for i in range(3))
         assert torch.allclose(out.ensemble, by_hand, atol=1e-5)
-
-
-def cifar_shaped(num_classes=10):
-    """A data set of one 32x32 image, as build_method and load_teacher see a data set."""
-    image, label = torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
-    return datasets.ImageData("synthetic", image, label, image, label, (0.5,) * 3, (0.25,) * 3,
-                              num_classes)
 
 
 def test_baseline_ignores_num_peers():

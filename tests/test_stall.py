@@ -11,6 +11,7 @@ import torch
 import cli
 import data as datasets
 import train
+from conftest import cifar_shaped
 from methods import DKEL
 from models import multi_peer_net
 
@@ -115,7 +116,7 @@ def test_flag_is_off_by_default_and_keeps_one_parameter_group():
     """The paper's recipe: one group at lr over every student parameter, as without the flag."""
     args = cli.resolve_args(["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2"])
     assert args.ensemble_lr_per_peer is False
-    method = train.build_method(args, 10, torch.device("cpu"))
+    method = train.build_method(args, cifar_shaped(), torch.device("cpu"))
     optimizer = train.sgd(method.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=5e-4)
     assert [g["lr"] for g in optimizer.param_groups] == [LR]
     assert optimizer.param_groups[0]["params"] == list(method.student.parameters())
@@ -124,7 +125,7 @@ def test_flag_is_off_by_default_and_keeps_one_parameter_group():
 def test_flag_reaches_the_method_and_the_schedule_decays_both_groups():
     args = cli.resolve_args(["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2",
                              "--milestones", "1", "--ensemble-lr-per-peer"])
-    method = train.build_method(args, 10, torch.device("cpu"))
+    method = train.build_method(args, cifar_shaped(), torch.device("cpu"))
     optimizer = train.sgd(method.trainable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     head = method.student.ensemble_head
