@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import cli
-import data as datasets
 import train
 from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss,
                        kdcl_loss, load_teacher, min_logit_target, offline_kd_loss, okddip_loss,
