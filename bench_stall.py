@@ -19,6 +19,7 @@ import torch
 import cli
 import data as datasets
 import train
+from backbones import ARCHS
 
 STALL_FACTOR = 1.5  # a run whose last steps stay below 1.5x chance accuracy has stalled
 
@@ -63,6 +64,8 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="as train.py --precision")
     options = parser.parse_args()
+    if options.arch not in ARCHS:
+        parser.error(f"unknown --arch {options.arch!r}; choose one of: {', '.join(ARCHS)}")
     if not 1 <= options.last <= options.steps:
         parser.error(f"--last must lie within 1..--steps ({options.steps}), got {options.last}")
     argv = ["--dataset", "imagefolder", "--data-dir", options.data_dir, "--arch", options.arch,
