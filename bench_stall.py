@@ -9,7 +9,7 @@ from each seed, with the paper's recipe and with --ensemble-lr-per-peer, and pri
 peer train accuracy over its last steps. Exits 1 when a run with the remedy stays below
 1.5x chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
 
-    python bench_stall.py --data-dir /tmp/real [--arch resnet20] [--steps 40] [--seeds 0 1 2 3 4]
+    python bench_stall.py --data-dir /tmp/real [--arch resnet20] [--steps 30] [--seeds 0 1 2 3 4]
 """
 import argparse
 import sys
@@ -57,7 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="an imagefolder tree (train/<class>/...)")
     parser.add_argument("--arch", default="resnet20", help="architecture (default resnet20)")
-    parser.add_argument("--steps", type=int, default=40, help="SGD steps per run (default 40)")
+    parser.add_argument("--steps", type=int, default=30, help="SGD steps per run (default 30)")
     parser.add_argument("--last", type=int, default=10,
                         help="the train accuracy is the mean over this many last steps (default 10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
