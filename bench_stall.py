@@ -9,7 +9,7 @@ from each seed, with the paper's recipe and with --ensemble-lr-per-peer, and pri
 peer train accuracy over its last steps. Exits 1 when a run with the remedy stays below
 1.5x chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
 
-    python bench_stall.py --data-dir /tmp/real [--arch resnet20] [--steps 30] [--seeds 0 1 2 3 4]
+    python bench_stall.py --data-dir DIR [--arch resnet20] [--steps 30] [--seeds 0 1 2 3 4]
 """
 import argparse
 import sys
