@@ -9,7 +9,7 @@ from each seed, with the paper's recipe and with --ensemble-lr-per-peer, and pri
 peer train accuracy over its last steps. Exits 1 when a run with the remedy stays below
 1.5x chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
 
-    python bench_stall.py --data-dir /tmp/real [--arch resnet20] [--steps 40] [--seeds 0 1 2 3 4]
+    python bench_stall.py --data-dir DIR [--arch resnet20] [--steps 30] [--seeds 0 1 2 3 4]
 """
 import argparse
 import sys
@@ -19,6 +19,7 @@ import torch
 import cli
 import data as datasets
 import train
+from backbones import ARCHS
 
 STALL_FACTOR = 1.5  # a run whose last steps stay below 1.5x chance accuracy has stalled
 
@@ -56,13 +57,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="an imagefolder tree (train/<class>/...)")
     parser.add_argument("--arch", default="resnet20", help="architecture (default resnet20)")
-    parser.add_argument("--steps", type=int, default=40, help="SGD steps per run (default 40)")
+    parser.add_argument("--steps", type=int, default=30, help="SGD steps per run (default 30)")
     parser.add_argument("--last", type=int, default=10,
                         help="the train accuracy is the mean over this many last steps (default 10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="as train.py --precision")
     options = parser.parse_args()
+    if options.arch not in ARCHS:
+        parser.error(f"unknown --arch {options.arch!r}; choose one of: {', '.join(ARCHS)}")
     if not 1 <= options.last <= options.steps:
         parser.error(f"--last must lie within 1..--steps ({options.steps}), got {options.last}")
     argv = ["--dataset", "imagefolder", "--data-dir", options.data_dir, "--arch", options.arch,
