@@ -4,6 +4,7 @@ defaults scaled to --epochs (docs/spec.md Sec. 3), and one-line refusals of bad 
     python train.py --dataset cifar10 --arch resnet32 --beta 0.5
 """
 import argparse
+import inspect
 import os
 
 import torch
@@ -160,7 +161,8 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.rampup_epochs < 0, f"--rampup-epochs must be >= 0, got {args.rampup_epochs}"),
         (args.init_iters < 0, f"--init-iters must be >= 0, got {args.init_iters}"),
         (args.val_size < 0, f"--val-size must be >= 0, got {args.val_size}"),
-        (args.ensemble_lr_per_peer and args.method not in ("pcl", "dk", "dkel"),
+        (args.ensemble_lr_per_peer
+         and "ensemble_lr_per_peer" not in inspect.signature(METHODS[args.method]).parameters,
          "--ensemble-lr-per-peer is for --method pcl, dk or dkel only"),
         (args.lr <= 0 or args.init_lr <= 0, "--lr and --init-lr must be > 0"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),

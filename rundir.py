@@ -64,6 +64,12 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
                   if k not in ignored and saved.get(k) != current.get(k))
 
 
+def setting_changes(saved: dict, current: dict, keys: list[str]) -> str:
+    """The settings `keys` as the user reads them: "--epochs: 1 -> 2, --lr: 0.1 -> 0.05"."""
+    return ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
+                     for k in keys)
+
+
 # Under torchrun the ranks agree on a stop after every AGREE_EVERY-th optimizer step (StopRequests).
 AGREE_EVERY = 8
 
@@ -310,8 +316,7 @@ def check_same_settings(out_dir: str, saved: dict, config: dict, what: str) -> N
     check_world_size(out_dir, saved.get("world_size", 1), config.get("world_size", 1))
     differing = changed_settings(saved, config)
     if differing:
-        details = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {config.get(k)!r}"
-                            for k in differing[:4])
+        details = setting_changes(saved, config, differing[:4])
         raise RunStopped(f"the {what} in {out_dir} was made with a different configuration "
                          f"({details}); resume with the original flags or choose another "
                          f"--out-dir", EXIT_BAD_INPUT)

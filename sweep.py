@@ -103,8 +103,7 @@ def settings_changed(args, run: Run) -> str:
     wanted = vars(cli.resolve_args(argv))
     if cli.build_parser().parse_args(argv).precision == "auto":
         wanted["precision"] = saved.get("precision")  # auto: what the run's machine computes in
-    return ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {wanted.get(k)!r}"
-                     for k in rundir.changed_settings(saved, wanted))
+    return rundir.setting_changes(saved, wanted, rundir.changed_settings(saved, wanted))
 
 
 def made_otherwise(args, runs: list[Run]) -> dict[Run, str]:
