@@ -22,9 +22,6 @@ except OKDDip's attention target t_a, through which alone W_Q and W_K learn (doc
 distillation term is scaled by lambda * r(ep) (PCL's weight and ramp-up, docs/spec.md Sec. 6),
 except DML's, which has no ramp-up.
 """
-import json
-import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -34,10 +31,8 @@ import torch.nn.functional as F
 from backbones import ARCHS, global_pool
 from losses import (cross_entropy_per_peer, kd_loss, leave_one_out_kd, peer_ensemble_kd,
                     teacher_ensemble_without_self)
-from methods import Method, MethodError
-from models import MultiPeerNet, build_deployable, multi_peer_net
-
-
+from methods import Method
+from models import MultiPeerNet, multi_peer_net
 def _named(total: torch.Tensor,
            **parts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(the objective, its parts detached for logging)."""
@@ -227,11 +222,11 @@ class PeerMethod(Method):
     `objective(outputs, labels, weights)`, `weights` holding the epoch's r(ep) as "rampup"."""
     deployed_peer = 0
 
-    def __init__(self, net: MultiPeerNet, device: torch.device, compile: bool, **pieces: nn.Module):
+    def __init__(self, net: MultiPeerNet, device: torch.device, **pieces: nn.Module):
         self.net, self.pieces = net, pieces
-        for module in self.modules().values():  # NHWC, as the paper's networks (methods.py)
-            module.to(device, memory_format=torch.channels_last)
-        super().__init__(torch.compile(self.outputs) if compile else self.outputs)
+        for module in self.modules().values():
+            module.to(device)
+        super().__init__(self.outputs)
 
     def loss(self, views: torch.Tensor, labels: torch.Tensor, weights: dict[str, float]):
         out = self.training_forward(views if self.num_views > 1 else views[0])
@@ -265,12 +260,9 @@ class PeerMethod(Method):
 
 class Baseline(PeerMethod):
     """One plain network, cross-entropy only."""
-    label = "Baseline"
-    schedules = ()
-    min_peers = 1             # one network whatever --num-peers says
 
-    def __init__(self, arch: str, num_classes: int, device: torch.device, compile: bool = False):
-        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device, compile)
+    def __init__(self, arch: str, num_classes: int, device: torch.device):
+        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device)
 
     def outputs(self, images: torch.Tensor) -> Outputs:
         return Outputs(self.net(images).logits, None)
@@ -281,13 +273,11 @@ class Baseline(PeerMethod):
 
 class DML(PeerMethod):
     """DML: M independent networks on the same augmented batch."""
-    label = "DML"
-    schedules = ()
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
-                 temperature: float, kd_weight: float, compile: bool = False):
+                 temperature: float, kd_weight: float):
         net = multi_peer_net(arch, num_classes, num_peers, ensemble_head=False, shared_trunk=False)
-        super().__init__(net, device, compile)
+        super().__init__(net, device)
         self.temperature, self.kd_weight = temperature, kd_weight
 
     def outputs(self, images: torch.Tensor) -> Outputs:
@@ -300,13 +290,11 @@ class DML(PeerMethod):
 
 class KDCL(DML):
     """KDCL-MinLogit: M independent networks, each on its own augmented view."""
-    label = "KDCL"
-    schedules = ("rampup",)
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
-                 temperature: float, kd_weight: float, compile: bool = False):
+                 temperature: float, kd_weight: float):
         super().__init__(arch, num_classes, num_peers, device, temperature=temperature,
-                         kd_weight=kd_weight, compile=compile)
+                         kd_weight=kd_weight)
         self.num_views = num_peers
 
     def objective(self, out: Outputs, labels: torch.Tensor, weights: dict[str, float]):
@@ -319,9 +307,9 @@ class SharedTrunkMethod(PeerMethod):
     view, with the temperature and lambda of their distillation terms."""
 
     def __init__(self, arch: str, num_classes: int, num_peers: int, device: torch.device, *,
-                 temperature: float, kd_weight: float, compile: bool = False):
+                 temperature: float, kd_weight: float):
         net = multi_peer_net(arch, num_classes, num_peers, ensemble_head=False)
-        super().__init__(net, device, compile, **self.make_pieces(arch, num_peers))
+        super().__init__(net, device, **self.make_pieces(arch, num_peers))
         self.temperature, self.kd_weight = temperature, kd_weight
 
     def make_pieces(self, arch: str, num_peers: int) -> dict[str, nn.Module]:
@@ -336,7 +324,6 @@ class SharedTrunkMethod(PeerMethod):
 
 class ONE(SharedTrunkMethod):
     """ONE: one view, since the gate reads the one trunk feature that every branch starts from."""
-    label = "ONE"
 
     def make_pieces(self, arch: str, num_peers: int) -> dict[str, nn.Module]:
         return {"gate": Gate(trunk_channels(arch), num_peers)}
@@ -355,7 +342,6 @@ class ONE(SharedTrunkMethod):
 class CL(SharedTrunkMethod):
     """CL-ILR: the trunk's gradient scaled by 1/M.
     NOTE(paper): as in CL, the heads share one input image (one view), docs/spec.md Sec. 6."""
-    label = "CL"
 
     def outputs(self, images: torch.Tensor) -> Outputs:
         trunk_out = self.net.run_trunk(images)                        # (1, B, ...)
@@ -370,9 +356,7 @@ class CL(SharedTrunkMethod):
 class OKDDip(SharedTrunkMethod):
     """OKDDip: the last branch is the group leader, which is deployed.
     NOTE(paper): as in the authors' code, every branch sees the same input image (one view)."""
-    label = "OKDDip"
     deployed_peer = -1
-    min_peers = 3  # 2 auxiliary peers + the leader
 
     def make_pieces(self, arch: str, num_peers: int) -> dict[str, nn.Module]:
         return {"attention": PeerAttention(ARCHS[arch]().feature_dim)}
@@ -391,17 +375,16 @@ class OKDDip(SharedTrunkMethod):
 
 
 class KD(PeerMethod):
-    """Offline KD: one plain network learns from a frozen teacher, the deployed model of a
-    finished run (`load_teacher`: any architecture; classes, image size and data set must match).
-    The teacher is not one of `modules()`: it is neither trained nor checkpointed (a resumed run
-    reloads it from `teacher_run`), and it stays in eval mode throughout."""
-    label = "KD"
-    min_peers = 1             # one network whatever --num-peers says
+    """Offline KD: one plain network learns from a frozen teacher network, the deployed model of
+    a finished run (train.py loads it with rundir.load_teacher, which checks that its classes,
+    image size and data set are this run's; any architecture). The teacher is not one of
+    `modules()`: it is neither trained nor checkpointed (a resumed run reloads it from
+    `teacher_run`), and it stays in eval mode throughout."""
 
     def __init__(self, arch: str, num_classes: int, teacher: nn.Module, device: torch.device, *,
-                 temperature: float, kd_weight: float, compile: bool = False):
-        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device, compile)
-        self.teacher = teacher.to(device, memory_format=torch.channels_last)
+                 temperature: float, kd_weight: float):
+        super().__init__(multi_peer_net(arch, num_classes, 1, ensemble_head=False), device)
+        self.teacher = teacher.to(device)
         self.temperature, self.kd_weight = temperature, kd_weight
 
     def outputs(self, images: torch.Tensor) -> Outputs:
@@ -420,54 +403,3 @@ class KD(PeerMethod):
     def set_mode(self, train: bool) -> None:
         super().set_mode(train)
         self.teacher.eval()   # frozen: eval-mode BatchNorm, its running statistics never move
-
-
-def load_teacher(teacher_run: str | None, data) -> torch.nn.Module:
-    """Offline KD's teacher (Table 2): the deployed model of the finished train.py run
-    `teacher_run`, its architecture, classes, image size and data set read from that run's
-    summary.json, frozen (no parameter requires a gradient) and in eval mode. Refused with one line
-    (MethodError; train.py exits with code 2) when missing, unfinished, unreadable, or made for
-    other classes, another image size or another data set than `data` (data.ImageData)."""
-    def refuse(why: str) -> MethodError:
-        return MethodError(f"--teacher-run {teacher_run}: {why} (offline KD, Table 2)")
-
-    if teacher_run is None:
-        raise MethodError("--method kd needs --teacher-run DIR, a finished train.py run (Table 2)")
-    if not os.path.exists(os.path.join(teacher_run, "summary.json")):
-        raise refuse("not a finished run (no summary.json); finish it first")
-    try:
-        with open(os.path.join(teacher_run, "summary.json")) as f:
-            deployed = json.load(f)["deployable"]
-        # Runs written before summary.json recorded the image size: the size the arch was made for.
-        size = deployed.get("image_size", ARCHS[deployed["arch"]]().input_size)
-        teacher = build_deployable(deployed["arch"], deployed["num_classes"])
-        state = torch.load(os.path.join(teacher_run, deployed["file"]), map_location="cpu",
-                           weights_only=True)
-        teacher.load_state_dict(state)
-    except Exception as error:
-        # Any unreadable file or mismatched state dict is a broken run to the user.
-        raise refuse(f"cannot load its deployed model ({type(error).__name__})") from None
-    image_size = data.image_shape[-1]
-    if (deployed["num_classes"], size) != (data.num_classes, image_size):
-        raise refuse(f"its model has {deployed['num_classes']} classes and {size}x{size} images, "
-                     f"this run {data.num_classes} and {image_size}x{image_size}")
-    # Runs written before summary.json recorded the data set: accepted, as the image size above.
-    if "dataset" in deployed and not same_data_set(deployed, data):
-        theirs = described(deployed["dataset"], deployed["mean"], deployed["std"])
-        raise refuse(f"its model was trained on {theirs}, this run is on "
-                     f"{described(data.name, data.mean, data.std)}")
-    return teacher.requires_grad_(False).eval()
-
-
-def same_data_set(deployed: dict, data) -> bool:
-    """The teacher's inputs are this run's: the same data set, normalised by the same mean and
-    std."""
-    recorded = [*deployed["mean"], *deployed["std"]]
-    return deployed["dataset"] == data.name and all(
-        math.isclose(a, b, rel_tol=1e-6) for a, b in zip(recorded, [*data.mean, *data.std]))
-
-
-def described(name: str, mean, std) -> str:
-    """A data set and its normalisation, for a one-line refusal."""
-    return (f"{name} (mean {' '.join(f'{v:.4g}' for v in mean)}, "
-            f"std {' '.join(f'{v:.4g}' for v in std)})")

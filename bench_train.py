@@ -1,7 +1,7 @@
 """Benchmark of a full DKEL training step (Eq. (12) + Eq. (5)): training images per second.
 
 Measures, in one run on the same machine and the same synthetic CIFAR-shaped data:
-- ours, in fp32 and under bf16 autocast: train.py's own step (train.train_step on a train.DKEL
+- ours, in fp32 and under bf16 autocast: train.py's own step (train.student_step on a methods.DKEL
   method): the data set as a uint8 tensor on the device with vectorised M-view augmentation
   (data.train_batches), channels_last networks, fused SGD, the fused multi-tensor EMA of ema.py,
   no host-device sync inside the step; and once more in bf16 with one BatchNorm statistic over
@@ -31,14 +31,15 @@ from losses import distillation_objective
 from methods import DKEL
 from models import ViewBatchNorm2d, multi_peer_net
 
-WEIGHTS = {"rampup": 0.5, "w": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
+WEIGHTS = {"rampup": 0.5, "ensemble_weight": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
 
 
 def time_ours(args, dataset, device, precision: str, per_view_bn: bool = True) -> float:
     """Seconds per step of train.py's step in `precision` (after the warm-up steps); with
     `per_view_bn` False the trunks' BatchNorm normalises all M*B stacked images together."""
     method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device, temperature=3.0,
-                  kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01, compile=args.compile)
+                  kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01)
+    train.fast_forward(method, args.compile)  # NHWC, --compile: as train.py runs it
     for module in [*method.student.modules(), *method.teacher.network.modules()]:
         if isinstance(module, ViewBatchNorm2d) and not per_view_bn:
             module.__class__ = torch.nn.BatchNorm2d  # the same parameters and buffers, one statistic
@@ -76,7 +77,7 @@ def time_reference(args, dataset, loader, device) -> float:
             teacher_logits = teacher(views).logits
         loss, _ = distillation_objective(out.logits, out.ensemble, teacher_logits, labels, temperature=3.0,
                                          kd_weight=1.0, rampup=WEIGHTS["rampup"],
-                                         ensemble_weight=WEIGHTS["w"])
+                                         ensemble_weight=WEIGHTS["ensemble_weight"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -4,8 +4,8 @@ defaults scaled to --epochs (docs/spec.md Sec. 3), and one-line refusals of bad 
     python train.py --dataset cifar10 --arch resnet32 --beta 0.5
 """
 import argparse
-import inspect
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -19,10 +19,31 @@ PAPER_EPOCHS = {"tinyimagenet": 100}               # Sec. 4.2; every other data 
 PAPER_MILESTONES = {"tinyimagenet": (0.3, 0.6)}    # Sec. 4.2; every other data set: 50% and 75%
 PAPER_RAMPUP_FRACTION = 80 / 300                   # PCL's R = 80 of 300 epochs (docs/spec.md Sec. 2)
 
-# The one list of methods, in the column order of the paper's Table 1 (dk: Table 3; kd: Table 2).
-METHODS = {"dml": baselines.DML, "cl": baselines.CL, "one": baselines.ONE, "okddip": baselines.OKDDip,
-           "kdcl": baselines.KDCL, "pcl": methods.PCL, "baseline": baselines.Baseline, "dk": methods.DK,
-           "dkel": methods.DKEL, "kd": baselines.KD}
+class MethodEntry(NamedTuple):
+    """A method of the command line: its class, its column header in the paper's tables, the
+    --num-peers it needs, and the epoch weights its objective uses (the columns of metrics.csv
+    that the epoch line prints: "rampup" is r(ep), "w" is w(ep))."""
+    build: type
+    label: str
+    min_peers: int = 2
+    schedules: tuple[str, ...] = ("rampup",)
+
+
+# The one table of methods, in the column order of the paper's Table 1 (dk: Table 3; kd: Table 2).
+METHODS = {
+    "dml": MethodEntry(baselines.DML, "DML", schedules=()),
+    "cl": MethodEntry(baselines.CL, "CL"),
+    "one": MethodEntry(baselines.ONE, "ONE"),
+    "okddip": MethodEntry(baselines.OKDDip, "OKDDip", min_peers=3),  # 2 auxiliary peers + leader
+    "kdcl": MethodEntry(baselines.KDCL, "KDCL"),
+    "pcl": MethodEntry(methods.PCL, "PCL"),
+    "baseline": MethodEntry(baselines.Baseline, "Baseline", min_peers=1, schedules=()),
+    "dk": MethodEntry(methods.DK, "PCL+L_dk"),
+    "dkel": MethodEntry(methods.DKEL, "DKEL", schedules=("rampup", "w")),
+    "kd": MethodEntry(baselines.KD, "KD", min_peers=1),  # one network whatever --num-peers says
+}
+# The paper's methods (methods.py): the multi-peer student and its EMA teacher.
+ONLINE_DISTILLATION = ("pcl", "dk", "dkel")
 
 
 class Parser(argparse.ArgumentParser):
@@ -125,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="authors' code: alpha = min(1 - 1/(step + 1), alpha)")
     a("--authors-weight-cutoff", action="store_true",
       help="authors' code: w(ep) = 0 once exp(-beta ep) < 0.01, --decay exp only")
+    a("--authors-pcl-teacher", action="store_true",
+      help="pcl only, authors' code: PCL's temporal mean teacher is a whole EMA copy of the "
+           "student network, trunk included (default, the paper's reading: EMA branches on the "
+           "student's own trunk, docs/spec.md Sec. 2, 8); not part of --authors-code")
     return p
 
 
@@ -161,9 +186,10 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.rampup_epochs < 0, f"--rampup-epochs must be >= 0, got {args.rampup_epochs}"),
         (args.init_iters < 0, f"--init-iters must be >= 0, got {args.init_iters}"),
         (args.val_size < 0, f"--val-size must be >= 0, got {args.val_size}"),
-        (args.ensemble_lr_per_peer
-         and "ensemble_lr_per_peer" not in inspect.signature(METHODS[args.method]).parameters,
+        (args.ensemble_lr_per_peer and args.method not in ONLINE_DISTILLATION,
          "--ensemble-lr-per-peer is for --method pcl, dk or dkel only"),
+        (args.authors_pcl_teacher and args.method != "pcl",
+         "--authors-pcl-teacher is for --method pcl only"),
         (args.lr <= 0 or args.init_lr <= 0, "--lr and --init-lr must be > 0"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.eval_every < 1, f"--eval-every must be >= 1, got {args.eval_every}"),

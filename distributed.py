@@ -21,7 +21,7 @@ processes ("ranks"; N is the world size) train one run together:
   bit whatever their devices' arithmetic; Eq. (5) from identical students keeps it identical.
 - BatchNorm. In training each rank normalises over its own B/N images (so N ranks are not
   bit-identical to one process), or with --sync-bn over the global batch (SyncBatchNorm; CUDA only;
-  the trunk's per-view BatchNorm stays per view: models.ViewSyncBatchNorm2d). The running
+  the trunk's per-view BatchNorm stays per view: ViewSyncBatchNorm2d). The running
   statistics are rank 0's, broadcast at the end of every epoch: the evaluation and the checkpoint
   see one model.
 - Logging and evaluation. The epoch's sums are averaged over the ranks in one all-reduce; each rank
@@ -44,10 +44,12 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 import data as datasets
-from models import sync_batchnorm
+from models import PerViewStatistics, ViewBatchNorm2d
 from rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 
 
@@ -165,19 +167,43 @@ def prepare(method, args) -> None:
     modules = method.modules()
     if args.sync_bn:  # in place, keeping the parameters: the optimizer and Eq. (5) still hold them
         for module in modules.values():
-            sync_batchnorm(module)  # per-view BatchNorm stays per view (models.ViewSyncBatchNorm2d)
+            sync_batchnorm(module)  # per-view BatchNorm stays per view (ViewSyncBatchNorm2d)
     broadcast(t for module in modules.values() for t in (*module.parameters(), *module.buffers()))
     trained = {name: m for name, m in modules.items()
                if any(p.requires_grad for p in m.parameters())}
     device = torch.device(args.device)
+    # The same forward, its gradients averaged over the ranks. Buffers are not broadcast at every
+    # step: training reads no running statistic (end_of_epoch).
+    method.training_forward = DistributedDataParallel(
+        TrainingForward(trained, method.training_forward), broadcast_buffers=False,
+        device_ids=[device] if device.type == "cuda" else None)
 
-    def under_ddp(forward):
-        # Buffers are not broadcast at every step: training reads no running statistic
-        # (end_of_epoch).
-        return DistributedDataParallel(TrainingForward(trained, forward), broadcast_buffers=False,
-                                       device_ids=[device] if device.type == "cuda" else None)
 
-    method.wrap_training_forward(under_ddp)
+class ViewSyncBatchNorm2d(PerViewStatistics, nn.SyncBatchNorm):
+    """models.ViewBatchNorm2d over the processes of a torchrun run (--sync-bn): SyncBatchNorm's
+    forward runs on each of the M view blocks, so that view m is normalised with the mean and
+    variance of the view-m images of every rank, the global batch's B images as one process has
+    them, and the running statistics get the M updates per step of one process. One
+    synchronisation per view and layer (SyncBatchNorm needs CUDA). `views` is set by
+    models.MultiPeerNet.run_trunk, as for ViewBatchNorm2d; the state dict is BatchNorm2d's."""
+
+
+def sync_batchnorm(module: nn.Module) -> None:
+    """Synchronise every BatchNorm inside `module` over the ranks (--sync-bn), in place: a
+    ViewBatchNorm2d becomes a ViewSyncBatchNorm2d (per-view statistics of the global batch), any
+    other BatchNorm a SyncBatchNorm. Each keeps its parameter and buffer objects, which the
+    optimizer and the EMA of Eq. (5) hold, so the state-dict keys stay as well."""
+    for name, child in module.named_children():
+        if isinstance(child, _BatchNorm):
+            kind = ViewSyncBatchNorm2d if isinstance(child, ViewBatchNorm2d) else nn.SyncBatchNorm
+            synced = kind(child.num_features, child.eps, child.momentum, child.affine,
+                          child.track_running_stats)
+            synced.weight, synced.bias = child.weight, child.bias
+            synced.running_mean, synced.running_var = child.running_mean, child.running_var
+            synced.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, synced.train(child.training))
+        else:
+            sync_batchnorm(child)
 
 
 @torch.no_grad()

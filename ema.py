@@ -3,7 +3,8 @@
 Two teachers follow the student by an exponential moving average (EMA) of its parameters:
 - PCL's peer mean teacher (Sec. 3.2): an EMA copy of the student's peer branches only. It runs
   on the *student's own* trunk features, so teacher and student share the backbone, which is
-  the homogenisation the paper blames for collapse (Sec. 3.3).
+  the homogenisation the paper blames for collapse (Sec. 3.3). (The authors' code builds it as
+  a whole EMA network instead: `PeerMeanNetwork`, opt-in.)
 - DKEL's independent teacher (Sec. 3.3): a whole network of the same architecture (its own
   trunk and peers, no parameter shared with the student), initialised by copying the student
   and then training it alone for a few cross-entropy iterations (`initialise_teacher`), so that
@@ -14,7 +15,6 @@ mode during training, so its BatchNorm normalises with the statistics of the cur
 keeps its own running statistics, which evaluation uses.
 """
 import copy
-import math
 
 import torch
 import torch.nn as nn
@@ -44,10 +44,11 @@ class EMATeacher:
         self.authors_warmup = authors_warmup
 
     def decay_at(self, step: int) -> float:
-        """alpha, constant. With `authors_warmup` (the authors' code, docs/spec.md Sec. 8):
-        min(1 - 1/(step + 1), alpha), which makes the teacher a copy of the student at step 0 and
-        so erases the initialisation of Sec. 3.3."""
+        """alpha of Eq. (5), constant (the paper)."""
         if self.authors_warmup:
+            # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code warms the decay up,
+            # alpha = min(1 - 1/(step + 1), alpha), which makes the teacher a copy of the student
+            # at step 0 and so erases the initialisation of Sec. 3.3.
             return min(1.0 - 1.0 / (step + 1), self.ema_decay)
         return self.ema_decay
 
@@ -90,12 +91,11 @@ class IndependentTeacher(EMATeacher):
     """
     term = "dk"
 
-    def __init__(self, student: MultiPeerNet, ema_decay: float, authors_warmup: bool = False,
-                 compile: bool = False):
+    def __init__(self, student: MultiPeerNet, ema_decay: float, authors_warmup: bool = False):
         teacher = copy.deepcopy(student)
         teacher.ensemble_head = None
         super().__init__(teacher, student, ema_decay, authors_warmup)
-        self.forward = torch.compile(teacher) if compile else teacher
+        self.forward = teacher  # the loop may replace it by a compiled one (train.py --compile)
 
     def logits(self, views: torch.Tensor, student_out: PeerOutputs) -> torch.Tensor:
         """t_j: teacher peer j on its own view x_j, (M, B, C)."""
@@ -106,10 +106,20 @@ class IndependentTeacher(EMATeacher):
         return self.network.deployable(peer)
 
 
+class PeerMeanNetwork(IndependentTeacher):
+    """PCL's temporal mean teacher as the authors' code builds it (--authors-pcl-teacher): a
+    whole EMA copy of the student network, its own trunk included, each peer on its own view, and
+    no initialisation (PCL has none). Its distillation term is L_pm, as PeerMeanTeacher's; only
+    the trunk differs: the EMA trunk instead of the student's own (docs/spec.md Sec. 2, 8)."""
+    term = "pm"
+
+
 def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float,
                        weight_decay: float = 0.0) -> list[float]:
     """Sec. 3.3, step 2: train the copied teacher alone with cross-entropy for `iters` iterations
-    of plain SGD (no momentum; paper: no weight decay, 1 iteration at lr 0.01).
+    of plain SGD (the paper: 1 iteration at lr 0.01, Sec. 4.2).
+    NOTE(paper): the paper names neither momentum nor weight decay for these steps; our reading is
+    plain SGD without either (`weight_decay` 0; the authors' code uses 5e-4, docs/spec.md Sec. 8).
 
     The loss is the mean over the teacher's peers of L_ce(t_j(x_j), y), each peer on its own view.
     Batches are (views (M, B, 3, H, W), labels (B,)). Returns the loss of each iteration.
@@ -133,21 +143,3 @@ def initialise_teacher(teacher: MultiPeerNet, batches, iters: int, lr: float,
         p.requires_grad_(False)
         p.grad = None
     return losses
-
-
-def ema_lag_warning(ema_decay: float, steps_per_epoch: int, epochs: int) -> str | None:
-    """A warning when a run is too short for its EMA teacher, None otherwise.
-
-    By Eq. (5), after S steps the teacher still holds alpha^S = exp(-S / tau) of its starting
-    weights, tau = 1 / (1 - alpha) being its time constant, the number of steps by which it lags the
-    student. The rule: warn when the time constant is longer than the whole run (tau > S), so that
-    more than e^-1 = 37% of the final teacher, the deployed model, is still its start. The suggested
-    alpha is the largest of four decimals that the rule accepts."""
-    steps = steps_per_epoch * epochs
-    if steps * (1.0 - ema_decay) > 1.0 - 1e-9:  # tau <= S, up to the rounding of alpha's decimals
-        return None
-    time_constant = math.inf if ema_decay == 1.0 else 1.0 / (1.0 - ema_decay)
-    fitting = math.floor(1e4 * (steps - 1) / steps) / 1e4  # 1 - 1/S, rounded down
-    return (f"the teacher will lag: its EMA time constant 1/(1 - {ema_decay}) is {time_constant:,.0f} "
-            f"optimizer steps, longer than this run's {steps:,}, so {ema_decay ** steps:.0%} of the final "
-            f"teacher is still its starting weights; --ema-decay {fitting:g} or lower fits the run")

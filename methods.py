@@ -18,34 +18,30 @@ import abc
 import torch
 import torch.nn as nn
 
-from ema import IndependentTeacher, PeerMeanTeacher, initialise_teacher
+from ema import IndependentTeacher, PeerMeanNetwork, PeerMeanTeacher, initialise_teacher
 from losses import distillation_objective
 from models import MultiPeerNet
 
 
-class MethodError(ValueError):
-    """A method cannot be built from the settings it was given (one line for the user)."""
-
-
 class Method(abc.ABC):
-    """What the training loop may call of a method, and nothing else.
+    """What the training loop may call of a method: the paper's interface, and nothing else.
 
-    A step: `loss(views, labels, weights)` gives the objective and its named parts, then, after
-    the optimizer step, `after_step(step)`. Before the first epoch: `initialise(batches)`.
-    `weights` holds the epoch's r(ep) ("rampup") and w(ep) ("w"); `schedules` names those the
-    objective uses. `views` is (num_views, B, 3, H, W): every peer its own augmented view when
-    `num_views` = M, one augmented batch for every network or branch when it is 1.
-    Evaluation: `eval_logits(images)` gives every output's test logits (docs/spec.md Sec. 4), of
-    which `deployed_keys()` are the deployed model's; `deployable(key)` cuts that output out as a
-    plain network. `modules()` are what a checkpoint holds, `trainable_parameters()` what the
-    optimizer trains (parameters, or parameter groups whose "lr_scale" scales the lr: train.sgd).
-    The training forward, `training_forward`, is the one callable that torch.compile and
-    DistributedDataParallel wrap (`wrap_training_forward`).
+    - The objective: `loss(views, labels, weights)` gives the loss of one step and its named,
+      detached parts. `views` is (num_views, B, 3, H, W): every peer its own augmented view when
+      `num_views` = M, one augmented batch for every network or branch when it is 1; `weights`
+      holds the epoch's r(ep) ("rampup") and w(ep) ("ensemble_weight").
+    - The step after the optimizer's: `after_step(step)` (Eq. (5) for an EMA teacher).
+    - The initialisation, before the first epoch: `initialise(batches)` (Sec. 3.3).
+    - The evaluation outputs: `eval_logits(images)` gives every output's logits (docs/spec.md
+      Sec. 4); `deployed_keys()` are the deployed model's, and `deployable(key)` cuts that output
+      out as a plain network.
+    - The trainable parameters: `trainable_parameters()`, parameters or parameter groups whose
+      "lr_scale" scales the learning rate (train.sgd); `modules()` are the networks a checkpoint
+      holds.
+    `training_forward` is the forward pass `loss` runs the student through: the loop may replace
+    it by a wrapped one (torch.compile, DistributedDataParallel) computing the same function.
     """
-    label = ""                  # the method's column header in the paper's tables
     num_views = 1               # augmented views of each image that a step needs
-    min_peers = 2               # the --num-peers it needs
-    schedules = ("rampup",)     # the epoch weights its objective uses (the epoch line prints them)
 
     def __init__(self, training_forward):
         self.training_forward = training_forward
@@ -79,40 +75,36 @@ class Method(abc.ABC):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter that takes a gradient (an EMA teacher's take none)."""
-        return [p for module in self.modules().values() for p in module.parameters() if p.requires_grad]
+        return [p for module in self.modules().values() for p in module.parameters()
+                if p.requires_grad]
 
     def set_mode(self, train: bool) -> None:
         for module in self.modules().values():
             module.train(train)
 
-    def wrap_training_forward(self, wrap) -> None:
-        """Replace the training forward f by wrap(f) (torchrun: DistributedDataParallel)."""
-        self.training_forward = wrap(self.training_forward)
-
 
 class OnlineDistillation(Method):
     """The multi-peer student with the ensemble head of Eq. (3), its EMA teacher, and how a step
     and an evaluation use them. PCL, DK and DKEL differ only in the teacher (`make_teacher`), in
-    its initialisation (`initialise`) and in whether w(ep) decays (`decays`)."""
-    decays = False          # Eq. (2): w(ep) = 0
+    its initialisation (`initialise`) and in w(ep) (`ensemble_weight`)."""
 
-    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float, ema_decay: float,
-                 device: torch.device | str = "cpu", authors_ema_warmup: bool = False,
-                 compile: bool = False, ensemble_lr_per_peer: bool = False):
+    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float,
+                 ema_decay: float, device: torch.device | str = "cpu",
+                 authors_ema_warmup: bool = False, ensemble_lr_per_peer: bool = False):
         self.temperature, self.kd_weight = temperature, kd_weight
         self.ensemble_lr_per_peer = ensemble_lr_per_peer
         self.student = student.to(device)
-        self.teacher = self.make_teacher(ema_decay, authors_ema_warmup, compile)
-        # NHWC convolutions: the tensor cores' layout on CUDA, and about 1.3x faster than NCHW for
-        # resnet32 on a 2-core CPU as well (oneDNN).
-        self.student.to(memory_format=torch.channels_last)
-        self.teacher.network.to(memory_format=torch.channels_last)
-        super().__init__(torch.compile(self.student) if compile else self.student)
+        self.teacher = self.make_teacher(ema_decay, authors_ema_warmup)
+        super().__init__(self.student)
         self.num_views = student.num_peers  # every peer its own augmented view (Sec. 3.2)
 
     @abc.abstractmethod
-    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+    def make_teacher(self, ema_decay: float, authors_warmup: bool):
         """The EMA teacher of the student (ema.py)."""
+
+    def ensemble_weight(self, weights: dict[str, float]) -> float:
+        """w(ep) of Eq. (12); Eq. (2) (PCL, DK) has no decaying-ensemble term: 0."""
+        return 0.0
 
     def teacher_logits(self, views: torch.Tensor, student_out) -> torch.Tensor:
         """Teacher peer logits (M, B, C), under no_grad: the teacher learns only by Eq. (5), so
@@ -124,11 +116,12 @@ class OnlineDistillation(Method):
         out = self.training_forward(views)
         teacher_logits = self.teacher_logits(views, out)                     # (M, B, C)
         loss, parts = distillation_objective(out.logits, out.ensemble, teacher_logits, labels,
-                                             temperature=self.temperature, kd_weight=self.kd_weight,
-                                             rampup=weights["rampup"],
-                                             ensemble_weight=weights["w"] if self.decays else 0.0)
+                                             temperature=self.temperature,
+                                             kd_weight=self.kd_weight, rampup=weights["rampup"],
+                                             ensemble_weight=self.ensemble_weight(weights))
         # The teacher term is L_pm (PCL's peer mean teacher) or L_dk (the independent teacher).
-        parts = {self.teacher.term if name == "teacher_kd" else name: value for name, value in parts.items()}
+        parts = {self.teacher.term if name == "teacher_kd" else name: value
+                 for name, value in parts.items()}
         parts["correct"] = (out.logits.argmax(-1) == labels).float().mean(-1).mean()
         parts["logit_norm"] = teacher_logits.float().norm(dim=-1).mean()  # collapse watch
         return loss, parts
@@ -163,12 +156,13 @@ class OnlineDistillation(Method):
         parameters = super().trainable_parameters()
         if not self.ensemble_lr_per_peer:
             return parameters
-        # NOTE(paper): a remedy the paper does not have (docs/training.md, issue #20). h classifies
-        # the M stacked pooled features, all >= 0 (mean ~1 at initialisation), so the curvature of
-        # L_ce(e, y) in h's weights is ~M times a peer classifier's: lr * lambda_max(E[f f^T]) / C
-        # ~ 2.0 for resnet20 (M = 3, lr 0.1), past the stability limit ~1.36 of Nesterov momentum
-        # 0.9. e's logits blow up in the first steps, its gradient drives the pooled features to
-        # zero and the peers can stay at chance. lr / M gives h a peer classifier's step size.
+        # NOTE(paper): a remedy the paper does not have (docs/training.md, "The start of
+        # training"). h classifies the M stacked pooled features, all >= 0 (mean ~1 at
+        # initialisation), so the curvature of L_ce(e, y) in h's weights is ~M times a peer
+        # classifier's: lr * lambda_max(E[f f^T]) / C ~ 2.0 for resnet20 (M = 3, lr 0.1), past the
+        # stability limit ~1.36 of Nesterov momentum 0.9. e's logits blow up in the first steps,
+        # its gradient drives the pooled features to zero and the peers can stay at chance for an
+        # epoch on some seeds. lr / M gives h a peer classifier's step size.
         head = list(self.student.ensemble_head.parameters())
         rest = [p for p in parameters if all(p is not q for q in head)]
         return [{"params": rest}, {"params": head, "lr_scale": 1.0 / self.student.num_peers}]
@@ -176,41 +170,57 @@ class OnlineDistillation(Method):
 
 class PCL(OnlineDistillation):
     """Eq. (2): PCL's peer mean teacher (Eq. (4), L_pm), no initialisation (Table 3, row 1)."""
-    label = "PCL"
 
-    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float,
+                 ema_decay: float, device: torch.device | str = "cpu",
+                 authors_ema_warmup: bool = False, ensemble_lr_per_peer: bool = False,
+                 authors_pcl_teacher: bool = False):
+        self.authors_pcl_teacher = authors_pcl_teacher
+        super().__init__(student, temperature=temperature, kd_weight=kd_weight,
+                         ema_decay=ema_decay, device=device,
+                         authors_ema_warmup=authors_ema_warmup,
+                         ensemble_lr_per_peer=ensemble_lr_per_peer)
+
+    def make_teacher(self, ema_decay: float, authors_warmup: bool):
+        if self.authors_pcl_teacher:
+            # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code builds its temporal mean
+            # teacher as a whole EMA copy of the student network, trunk included.
+            return PeerMeanNetwork(self.student, ema_decay, authors_warmup)
         return PeerMeanTeacher(self.student, ema_decay, authors_warmup)
 
 
 class DK(OnlineDistillation):
     """Eq. (2) with L_dk of Eq. (6): the independent teacher, initialised by Sec. 3.3."""
-    label = "PCL+L_dk"
 
-    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float, ema_decay: float,
-                 init_iters: int, init_lr: float, device: torch.device | str = "cpu",
-                 authors_init: bool = False, authors_ema_warmup: bool = False, compile: bool = False,
-                 ensemble_lr_per_peer: bool = False):
-        super().__init__(student, temperature=temperature, kd_weight=kd_weight, ema_decay=ema_decay,
-                         device=device, authors_ema_warmup=authors_ema_warmup, compile=compile,
+    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float,
+                 ema_decay: float, init_iters: int, init_lr: float,
+                 device: torch.device | str = "cpu", authors_init: bool = False,
+                 authors_ema_warmup: bool = False, ensemble_lr_per_peer: bool = False):
+        super().__init__(student, temperature=temperature, kd_weight=kd_weight,
+                         ema_decay=ema_decay, device=device,
+                         authors_ema_warmup=authors_ema_warmup,
                          ensemble_lr_per_peer=ensemble_lr_per_peer)
-        # (iterations, lr, weight decay) of Sec. 3.3's step 2: the paper's k at --init-lr, no decay.
-        # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code runs k + 1 SGD steps (its loop
-        # stops after the step at which its counter reaches k) at lr 0.001 with weight decay 5e-4.
-        self.init = (init_iters + 1, 0.001, 5e-4) if authors_init else (init_iters, init_lr, 0.0)
+        # Sec. 3.3's step 2: the paper's k iterations at --init-lr, no weight decay (our reading).
+        self.init_iters, self.init_lr, self.init_weight_decay = init_iters, init_lr, 0.0
+        if authors_init:
+            # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code runs k + 1 SGD steps (its
+            # loop stops after the step at which its counter reaches k) at lr 0.001 with weight
+            # decay 5e-4.
+            self.init_iters, self.init_lr, self.init_weight_decay = init_iters + 1, 0.001, 5e-4
 
-    def make_teacher(self, ema_decay: float, authors_warmup: bool, compile: bool):
+    def make_teacher(self, ema_decay: float, authors_warmup: bool):
         # Sec. 3.3, step 1: the teacher is a copy of the student.
-        return IndependentTeacher(self.student, ema_decay, authors_warmup, compile)
+        return IndependentTeacher(self.student, ema_decay, authors_warmup)
 
     def initialise(self, batches) -> None:
         """Sec. 3.3, step 2: the copied teacher trains alone with cross-entropy for k iterations."""
-        iters, lr, weight_decay = self.init
-        if iters > 0:
-            initialise_teacher(self.teacher.network, batches, iters, lr, weight_decay)
+        if self.init_iters > 0:
+            initialise_teacher(self.teacher.network, batches, self.init_iters, self.init_lr,
+                               self.init_weight_decay)
 
 
 class DKEL(DK):
     """Eq. (12): DK plus the decaying ensemble term L_de of Eq. (9), weighted by w(ep)."""
-    label = "DKEL"
-    decays = True
-    schedules = ("rampup", "w")
+
+    def ensemble_weight(self, weights: dict[str, float]) -> float:
+        return weights["ensemble_weight"]  # w(ep) of Eq. (11), (13) or (14)

@@ -16,15 +16,13 @@ branch; `multi_peer_net(arch, num_classes)` builds one of the paper's architectu
 - the deployable model: the trunk plus one branch, cut out of a trained multi-peer network.
 
 After the network: the per-view BatchNorm of the shared trunk (docs/spec.md Sec. 8), which gives a
-stacked pass of the M views the BatchNorm statistics of M separate passes (over every process of
-a torchrun run with --sync-bn).
+stacked pass of the M views the BatchNorm statistics of M separate passes.
 """
 import copy
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import ARCHS, init_weights
 
@@ -98,7 +96,7 @@ class MultiPeerNet(nn.Module):
 
     def _set_views(self, views: int) -> None:
         for module in self.trunk.modules():
-            if isinstance(module, (ViewBatchNorm2d, ViewSyncBatchNorm2d)):
+            if isinstance(module, PerViewStatistics):
                 module.views = views
 
     def run_peers(self, trunk_out: torch.Tensor, peers: nn.ModuleList | None = None
@@ -186,58 +184,44 @@ def multi_peer_net(arch: str, num_classes: int, num_peers: int = 3, ensemble_hea
 
 
 # ----------------------------------------------------------------------------- per-view BatchNorm
-class ViewBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d of a trunk that runs M augmented views as one stacked batch of M*B images.
+class PerViewStatistics:
+    """The per-view forward of a BatchNorm layer in a trunk that runs M augmented views as one
+    stacked batch of M*B images (a mixin before the BatchNorm class: ViewBatchNorm2d here,
+    distributed.ViewSyncBatchNorm2d under torchrun with --sync-bn).
 
     The authors' code runs the trunk once per view (docs/spec.md Sec. 8), so in train mode every view
     is normalised with the mean and variance of its own B images and the running statistics are
     updated M times per step, view after view. This layer gives the same in one pass of the
     convolutions: `views` is the number of views the current input holds, as M contiguous blocks
     of B images (x.flatten(0, 1) of (M, B, C, H, W); with channels_last each block is still one
-    contiguous NHWC block). Whenever BatchNorm uses batch statistics, the ordinary BatchNorm2d
+    contiguous NHWC block). Whenever BatchNorm uses batch statistics, the ordinary BatchNorm
     forward runs on each block in view order, so each block gets its own statistics and the
     running statistics get the M sequential momentum updates (unbiased variance) of M separate
     passes. The blocks are concatenated back in the input's memory format.
-
-    `num_batches_tracked` grows by M per stacked pass, one per block, as over M separate passes
-    (it only matters with momentum=None, the cumulative average, which is then exact as well).
-    With one view, or with running statistics (eval mode), this is plain BatchNorm2d; the state
-    dict is BatchNorm2d's, so checkpoints load into either class.
 
     The layer cannot tell M from an (M*B, C, H, W) input, and nn.Sequential passes nothing but
     the tensor, so MultiPeerNet.run_trunk sets `views` = M for the duration of a stacked pass and
     back to 1 after it; anything else that runs the layer (a (B, 3, H, W) batch for every peer,
     a deployed copy of the trunk) gets ordinary BatchNorm. torch.compile traces the setting.
-    Under torchrun with --sync-bn the layer becomes a ViewSyncBatchNorm2d (`sync_batchnorm`).
     """
     views: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_norm = super().forward  # the BatchNorm class's forward, after this mixin
         if self.views == 1 or not (self.training or self.running_mean is None):
-            return super().forward(x)
-        return per_view(super().forward, x, self.views)
+            return batch_norm(x)
+        blocks = x.unflatten(0, (self.views, -1)).unbind(0)           # M x (B, C, H, W)
+        return torch.cat([batch_norm(block) for block in blocks])      # (M*B, C, H, W)
 
 
-class ViewSyncBatchNorm2d(nn.SyncBatchNorm):
-    """ViewBatchNorm2d over the processes of a torchrun run (--sync-bn): SyncBatchNorm's forward runs
-    on each of the M view blocks, so that view m is normalised with the mean and variance of the
-    view-m images of every rank, the global batch's B images as one process has them, and the
-    running statistics get the M updates per step of one process. One synchronisation per view and
-    layer (SyncBatchNorm needs CUDA). `views` is set by MultiPeerNet.run_trunk, as for
-    ViewBatchNorm2d; the state dict is BatchNorm2d's."""
-    views: int = 1
+class ViewBatchNorm2d(PerViewStatistics, nn.BatchNorm2d):
+    """BatchNorm2d with per-view statistics (PerViewStatistics), the trunk's BatchNorm.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.views == 1 or not (self.training or self.running_mean is None):
-            return super().forward(x)
-        return per_view(super().forward, x, self.views)
-
-
-def per_view(batch_norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, views: int
-             ) -> torch.Tensor:
-    """`batch_norm` on each of the `views` contiguous blocks of x, in view order."""
-    blocks = x.unflatten(0, (views, -1)).unbind(0)                     # M x (B, C, H, W)
-    return torch.cat([batch_norm(block) for block in blocks])          # (M*B, C, H, W)
+    `num_batches_tracked` grows by M per stacked pass, one per block, as over M separate passes
+    (it only matters with momentum=None, the cumulative average, which is then exact as well).
+    With one view, or with running statistics (eval mode), this is plain BatchNorm2d; the state
+    dict is BatchNorm2d's, so checkpoints load into either class.
+    """
 
 
 def per_view_batchnorm(module: nn.Module) -> None:
@@ -251,24 +235,6 @@ def per_view_batchnorm(module: nn.Module) -> None:
             setattr(module, name, view_bn)
         else:
             per_view_batchnorm(child)
-
-
-def sync_batchnorm(module: nn.Module) -> None:
-    """Synchronise every BatchNorm inside `module` over the ranks (torchrun --sync-bn), in place: a
-    ViewBatchNorm2d becomes a ViewSyncBatchNorm2d (per-view statistics of the global batch), any
-    other BatchNorm a SyncBatchNorm. Each keeps its parameter and buffer objects, which the
-    optimizer and the EMA of Eq. (5) hold, so the state-dict keys stay as well."""
-    for name, child in module.named_children():
-        if isinstance(child, _BatchNorm):
-            kind = ViewSyncBatchNorm2d if isinstance(child, ViewBatchNorm2d) else nn.SyncBatchNorm
-            synced = kind(child.num_features, child.eps, child.momentum, child.affine,
-                          child.track_running_stats)
-            synced.weight, synced.bias = child.weight, child.bias
-            synced.running_mean, synced.running_var = child.running_mean, child.running_var
-            synced.num_batches_tracked = child.num_batches_tracked
-            setattr(module, name, synced.train(child.training))
-        else:
-            sync_batchnorm(child)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,11 +1,14 @@
 """The report of a run: the epoch line on the terminal, curves.png, summary.json and the summary
 table, and a run's headline figure (docs/spec.md Sec. 4: what is reported, and how the deployed
-model is chosen without looking at the test split). The files are written through rundir.py.
+model is chosen without looking at the test split), and the warning of a run too short for its
+EMA teacher. The files are written through rundir.py.
 """
 import argparse
+import math
 import os
 import sys
 
+from ema import EMATeacher
 from rundir import atomic_save, atomic_write, write_json, writes_files
 
 
@@ -193,3 +196,32 @@ def end_of_epoch(out_dir: str, row: dict, history: list[dict], epochs: int,
     """curves.png redrawn and the epoch line printed."""
     plot_curves(out_dir, history)
     print(epoch_line(row, epochs, history, schedules), flush=True)
+
+
+def warn_if_teacher_lags(method, steps_per_epoch: int, epochs: int) -> None:
+    """One line on stderr when the run is too short for its EMA teacher (`ema_lag_warning`); a
+    method without one (offline KD's teacher is frozen) has nothing to warn about."""
+    teacher = getattr(method, "teacher", None)
+    if not isinstance(teacher, EMATeacher):
+        return
+    lag = ema_lag_warning(teacher.ema_decay, steps_per_epoch, epochs)
+    if lag:
+        print(f"warning: {lag}", file=sys.stderr)
+
+
+def ema_lag_warning(ema_decay: float, steps_per_epoch: int, epochs: int) -> str | None:
+    """A warning when a run is too short for its EMA teacher, None otherwise.
+
+    By Eq. (5), after S steps the teacher still holds alpha^S = exp(-S / tau) of its starting
+    weights, tau = 1 / (1 - alpha) being its time constant, the number of steps by which it lags the
+    student. The rule: warn when the time constant is longer than the whole run (tau > S), so that
+    more than e^-1 = 37% of the final teacher, the deployed model, is still its start. The suggested
+    alpha is the largest of four decimals that the rule accepts."""
+    steps = steps_per_epoch * epochs
+    if steps * (1.0 - ema_decay) > 1.0 - 1e-9:  # tau <= S, up to the rounding of alpha's decimals
+        return None
+    time_constant = math.inf if ema_decay == 1.0 else 1.0 / (1.0 - ema_decay)
+    fitting = math.floor(1e4 * (steps - 1) / steps) / 1e4  # 1 - 1/S, rounded down
+    return (f"the teacher will lag: its EMA time constant 1/(1 - {ema_decay}) is {time_constant:,.0f} "
+            f"optimizer steps, longer than this run's {steps:,}, so {ema_decay ** steps:.0%} of the final "
+            f"teacher is still its starting weights; --ema-decay {fitting:g} or lower fits the run")

@@ -9,7 +9,8 @@ history and the deployed model chosen so far: `--resume` continues a run exactly
 finished epoch left it, and a run stopped before its first epoch ended starts again from the
 beginning (`resumes`). Under torchrun rank 0 alone builds and writes the files (`writes_files`;
 the other ranks hold the same state, distributed.py), and while a run trains, its process holds
-the directory's lock.
+the directory's lock. A finished run's deployed model is read back from here too: offline KD's
+teacher (`load_teacher`).
 """
 import argparse
 import contextlib
@@ -24,6 +25,9 @@ import threading
 
 import torch
 import torch.distributed as dist
+
+from backbones import ARCHS
+from models import build_deployable
 
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 # A bad flag, size, path, data set or run directory: nothing was trained.
@@ -372,3 +376,57 @@ def save_checkpoint(out_dir: str, modules: dict, optimizer, scheduler, state: di
                       rng_cuda=(torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                                 else None))
     atomic_save(checkpoint, os.path.join(out_dir, "checkpoint.pt"))
+
+
+# ------------------------------------------------------------------------ a finished run's model
+def load_teacher(teacher_run: str | None, data) -> torch.nn.Module:
+    """Offline KD's teacher (Table 2): the deployed model of the finished train.py run
+    `teacher_run`, its architecture, classes, image size and data set read from that run's
+    summary.json, frozen (no parameter requires a gradient) and in eval mode. Refused with one line
+    (exit code 2) when missing, unfinished, unreadable, or made for other classes, another image
+    size or another data set than `data` (data.ImageData)."""
+    def refuse(why: str) -> RunStopped:
+        return RunStopped(f"--teacher-run {teacher_run}: {why} (offline KD, Table 2)",
+                          EXIT_BAD_INPUT)
+
+    if teacher_run is None:
+        raise RunStopped("--method kd needs --teacher-run DIR, a finished train.py run (Table 2)",
+                         EXIT_BAD_INPUT)
+    if not os.path.exists(os.path.join(teacher_run, "summary.json")):
+        raise refuse("not a finished run (no summary.json); finish it first")
+    try:
+        with open(os.path.join(teacher_run, "summary.json")) as f:
+            deployed = json.load(f)["deployable"]
+        # Runs written before summary.json recorded the image size: the size the arch was made for.
+        size = deployed.get("image_size", ARCHS[deployed["arch"]]().input_size)
+        teacher = build_deployable(deployed["arch"], deployed["num_classes"])
+        state = torch.load(os.path.join(teacher_run, deployed["file"]), map_location="cpu",
+                           weights_only=True)
+        teacher.load_state_dict(state)
+    except Exception as error:
+        # Any unreadable file or mismatched state dict is a broken run to the user.
+        raise refuse(f"cannot load its deployed model ({type(error).__name__})") from None
+    image_size = data.image_shape[-1]
+    if (deployed["num_classes"], size) != (data.num_classes, image_size):
+        raise refuse(f"its model has {deployed['num_classes']} classes and {size}x{size} images, "
+                     f"this run {data.num_classes} and {image_size}x{image_size}")
+    # Runs written before summary.json recorded the data set: accepted, as the image size above.
+    if "dataset" in deployed and not same_data_set(deployed, data):
+        theirs = described(deployed["dataset"], deployed["mean"], deployed["std"])
+        raise refuse(f"its model was trained on {theirs}, this run is on "
+                     f"{described(data.name, data.mean, data.std)}")
+    return teacher.requires_grad_(False).eval()
+
+
+def same_data_set(deployed: dict, data) -> bool:
+    """The teacher's inputs are this run's: the same data set, normalised by the same mean and
+    std."""
+    recorded = [*deployed["mean"], *deployed["std"]]
+    return deployed["dataset"] == data.name and all(
+        math.isclose(a, b, rel_tol=1e-6) for a, b in zip(recorded, [*data.mean, *data.std]))
+
+
+def described(name: str, mean, std) -> str:
+    """A data set and its normalisation, for a one-line refusal."""
+    return (f"{name} (mean {' '.join(f'{v:.4g}' for v in mean)}, "
+            f"std {' '.join(f'{v:.4g}' for v in std)})")

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import rundir
 import train
 from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss,
-                       kdcl_loss, load_teacher, min_logit_target, offline_kd_loss, okddip_loss,
+                       kdcl_loss, min_logit_target, offline_kd_loss, okddip_loss,
                        one_loss, scale_gradient)
 from conftest import cifar_shaped, fake_finished_run
 from models import build_deployable, multi_peer_net
@@ -214,7 +215,7 @@ def test_cl_method_scales_its_trunk_gradient():
     captured = []
     method.net.trunk.register_forward_hook(lambda module, inputs, output: captured.append(output))
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    weights = {"rampup": 1.0, "w": 0.0}
+    weights = {"rampup": 1.0, "ensemble_weight": 0.0}
     loss, _ = method.objective(method.outputs(images), labels, weights)
     (scaled,) = torch.autograd.grad(loss, captured[0])
     logits, _ = method.net.run_peers(captured[0].unsqueeze(0))          # the same feature, unscaled
@@ -229,7 +230,7 @@ def build(method, **values):
     torch.manual_seed(0)
     values = {"arch": "resnet8", "num_classes": 10, "num_peers": 3, "device": torch.device("cpu"),
               "temperature": T, "kd_weight": 1.0, **values}
-    method_class = train.METHODS[method]
+    method_class = train.METHODS[method].build
     return method_class(**{name: values[name] for name in inspect.signature(method_class).parameters
                            if name in values})
 
@@ -260,7 +261,7 @@ def test_one_training_step_and_evaluation(name):
     assert method.num_views == num_views
     views, labels = torch.randn(num_views, 4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.set_mode(True)
-    loss, parts = method.loss(views, labels, {"rampup": 0.5, "w": 0.3})
+    loss, parts = method.loss(views, labels, {"rampup": 0.5, "ensemble_weight": 0.3})
     assert torch.isfinite(loss) and {"ce", "correct", "logit_norm"} <= set(parts)
     assert 0.0 <= parts["correct"].item() <= 1.0 and parts["logit_norm"].item() > 0
     loss.backward()
@@ -325,14 +326,14 @@ def test_offline_kd_loss_by_hand():
 def test_kd_teacher_is_loaded_frozen_and_never_checkpointed(tmp_path):
     # Another architecture than the student.
     teacher_net = fake_finished_run(tmp_path, arch="resnet20")
-    method = build("kd", teacher=load_teacher(str(tmp_path), cifar_shaped()))
+    method = build("kd", teacher=rundir.load_teacher(str(tmp_path), cifar_shaped()))
     assert method.num_views == 1 and method.deployed_keys() == ["student_peer0"]
     # Reloaded from the teacher run on resume.
     assert list(method.modules()) == ["student"]
     views, labels = torch.randn(1, 4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.set_mode(True)
     assert method.net.training and not method.teacher.training
-    loss, parts = method.loss(views, labels, {"rampup": 1.0, "w": 0.0})
+    loss, parts = method.loss(views, labels, {"rampup": 1.0, "ensemble_weight": 0.0})
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
     assert all(p.grad is not None for p in method.trainable_parameters())

@@ -4,10 +4,14 @@ import re
 
 import pytest
 
+import torch
+
 import cli
 import compare
 import simulate
 import train
+from conftest import cifar_shaped
+from ema import PeerMeanNetwork, PeerMeanTeacher
 
 PROGRAMS = {"train.py": train.main, "compare.py": compare.main, "simulate.py": simulate.main}
 
@@ -16,6 +20,8 @@ PROGRAMS = {"train.py": train.main, "compare.py": compare.main, "simulate.py": s
     ("train.py", ["--epochs", "0"], "--epochs"),
     ("train.py", ["--no-such-flag"], "--no-such-flag"),
     ("train.py", ["--method", "nope"], "--method"),
+    ("train.py", ["--method", "dkel", "--authors-pcl-teacher"], "--authors-pcl-teacher"),
+    ("train.py", ["--method", "baseline", "--ensemble-lr-per-peer"], "--ensemble-lr-per-peer"),
     ("compare.py", ["--epochs", "0"], "--epochs"),
     ("compare.py", ["--experiment", "table9"], "--experiment"),
     ("simulate.py", ["montecarlo", "--trials", "0"], "--trials"),
@@ -58,3 +64,25 @@ def test_defaults_that_argparse_alone_knows_are_shown():
     assert "(default: [0, 1, 2])" in flat and "(default: runs)" in flat
     montecarlo = " ".join(subcommand_helps(simulate.build_parser())[-1].split())
     assert "(default: 10000)" in montecarlo and "(default: 0.1)" in montecarlo
+
+
+def built(*argv: str):
+    args = train.resolve_args(["--arch", "resnet8", "--device", "cpu", *argv])
+    return train.build_method(args, cifar_shaped(), torch.device("cpu"))
+
+
+def test_each_flag_reaches_its_method():
+    assert type(built("--method", "pcl").teacher) is PeerMeanTeacher
+    assert type(built("--method", "pcl", "--authors-pcl-teacher").teacher) is PeerMeanNetwork
+    dkel = built("--method", "dkel", "--init-iters", "3", "--init-lr", "0.02", "--temperature", "2",
+                 "--kd-weight", "0.5", "--ema-decay", "0.9", "--num-peers", "4")
+    assert (dkel.init_iters, dkel.init_lr, dkel.init_weight_decay) == (3, 0.02, 0.0)
+    assert (dkel.temperature, dkel.kd_weight, dkel.teacher.ema_decay) == (2.0, 0.5, 0.9)
+    assert dkel.student.num_peers == 4 and not dkel.teacher.authors_warmup
+    authors = built("--method", "dk", "--init-iters", "3", "--authors-code",
+                    "--ensemble-lr-per-peer")
+    # The authors' k + 1 steps at lr 0.001 with weight decay 5e-4 (docs/spec.md Sec. 8).
+    assert (authors.init_iters, authors.init_lr, authors.init_weight_decay) == (4, 0.001, 5e-4)
+    assert authors.teacher.authors_warmup and len(authors.trainable_parameters()) == 2
+    okddip = built("--method", "okddip", "--num-peers", "4", "--temperature", "5")
+    assert okddip.net.num_peers == 4 and okddip.temperature == 5.0

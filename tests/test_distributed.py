@@ -259,7 +259,7 @@ def test_sync_bn_keeps_each_views_statistics_and_the_parameter_objects(monkeypat
         now = [*module.parameters(), *module.buffers()]
         assert all(a is b for a, b in zip(now, tensors[name], strict=True))
         trunk_bns = [type(m) for m in module.trunk.modules() if isinstance(m, _BatchNorm)]
-        assert trunk_bns == [models.ViewSyncBatchNorm2d] * 6, name
+        assert trunk_bns == [distributed.ViewSyncBatchNorm2d] * 6, name
         peer_bns = {type(m) for m in module.peers.modules() if isinstance(m, _BatchNorm)}
         assert peer_bns == {torch.nn.SyncBatchNorm}, name
     # SyncBatchNorm synchronises on a GPU of a world larger than 1: the stand-in, on the CPU.
@@ -281,7 +281,7 @@ def test_sync_bn_keeps_each_views_statistics_and_the_parameter_objects(monkeypat
                                  reference.trunk.state_dict().items(), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
     assert all(bn.views == 1 for bn in student.trunk.modules()
-               if isinstance(bn, models.ViewSyncBatchNorm2d))
+               if isinstance(bn, distributed.ViewSyncBatchNorm2d))
 
 
 @pytest.mark.usefixtures("small_data")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ema import EMATeacher, IndependentTeacher, PeerMeanTeacher, initialise_teacher
+from methods import PCL
 from models import multi_peer_net
 
 
@@ -103,3 +104,50 @@ def test_mismatched_teacher_rejected():
     student = multi_peer_net("resnet8", 10, 2)
     with pytest.raises(ValueError, match="without a student counterpart"):
         EMATeacher(multi_peer_net("resnet8", 10, 3), student, 0.9)
+
+
+def _pcl(authors_pcl_teacher: bool):
+    torch.manual_seed(0)
+    student = multi_peer_net("resnet8", 10, 3)
+    return PCL(student, temperature=3.0, kd_weight=1.0, ema_decay=0.9,
+               authors_pcl_teacher=authors_pcl_teacher)
+
+
+def _teacher_logits(method, views):
+    method.set_mode(False)  # running statistics: the logits depend on the weights alone
+    with torch.no_grad():
+        return method.teacher_logits(views, method.student(views))
+
+
+@pytest.mark.parametrize("authors_pcl_teacher", [False, True])
+def test_pcls_teacher_runs_on_the_students_trunk_unless_built_the_authors_way(authors_pcl_teacher):
+    method = _pcl(authors_pcl_teacher)
+    student, teacher = method.student, method.teacher.network
+    student_tensors = {t.data_ptr() for t in [*student.parameters(), *student.buffers()]}
+    teacher_tensors = {t.data_ptr() for t in [*teacher.parameters(), *teacher.buffers()]}
+    # The paper's reading: EMA branches, no trunk. The authors' way: a whole network of its own.
+    assert hasattr(teacher, "trunk") == authors_pcl_teacher
+    assert teacher_tensors.isdisjoint(student_tensors)
+    views = torch.randn(3, 2, 3, 32, 32)
+    before = _teacher_logits(method, views)
+    with torch.no_grad():  # move the student's trunk alone, the teacher not updated
+        for p in student.trunk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    after = _teacher_logits(method, views)
+    # Only a teacher that runs on the student's own trunk sees the student's trunk move.
+    assert torch.equal(before, after) == authors_pcl_teacher
+    assert method.teacher.term == "pm"
+
+
+def test_the_authors_pcl_teacher_is_the_ema_of_the_whole_student():
+    method = _pcl(True)
+    start = {k: v.clone() for k, v in method.teacher.network.named_parameters()}
+    student = dict(method.student.named_parameters())
+    with torch.no_grad():
+        for p in student.values():
+            p.add_(1.0)
+    method.after_step(0)
+    for name, p in method.teacher.network.named_parameters():
+        # Eq. (5) on the trunk too: 0.9 * theta_T + 0.1 * theta_S.
+        assert torch.allclose(p, 0.9 * start[name] + 0.1 * student[name], atol=1e-6), name
+    assert any(name.startswith("trunk.") for name in start)

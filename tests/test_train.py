@@ -115,7 +115,7 @@ def test_teacher_changes_only_by_eq5_after_initialisation():
     method.set_mode(True)
     teacher = method.teacher.network
     before = [p.clone() for p in teacher.parameters()]
-    loss, _ = method.loss(views, labels, {"rampup": 1.0, "w": 0.5})
+    loss, _ = method.loss(views, labels, {"rampup": 1.0, "ensemble_weight": 0.5})
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     optimizer.step()
