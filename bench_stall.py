@@ -1,15 +1,17 @@
-"""Check for the start-of-training stall of the multi-peer student (docs/training.md, issue #20).
+"""Check for the start-of-training stall of the multi-peer student (docs/training.md, "The start
+of training").
 
 At the paper's settings (lr 0.1, Nesterov momentum 0.9, Sec. 4.2) the Eq. (3) ensemble head can
 overshoot in the first steps; its cross-entropy then drives the branches' pooled features to zero
-and the peers stay near chance for an epoch or more, on some seeds. This trains the DKEL student
-of train.py with train.py's own pieces (cli.resolve_args, train.build_method, train.sgd,
-Method.initialise, data.train_batches, train.student_step, Method.after_step) for --steps steps
-from each seed, with the paper's recipe and with --ensemble-lr-per-peer, and prints each run's
-peer train accuracy over its last steps. Exits 1 when a run with the remedy stays below
-1.5x chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
+and the peers stay near chance for an epoch or more, on some seeds. This trains the student of
+PCL, DK or DKEL as train.py does, with train.py's own pieces (cli.resolve_args,
+train.build_method, train.fast_forward, train.sgd, Method.initialise, data.train_batches,
+train.student_step, Method.after_step), for --steps steps from each seed, with the paper's recipe
+and with --ensemble-lr-per-peer, and prints each run's peer train accuracy over its last steps
+and, per method, how many seeds stalled. Exits 1 when a run with the remedy stays below 1.5x
+chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
 
-    python bench_stall.py --data-dir DIR [--arch resnet20] [--steps 30] [--seeds 0 1 2 3 4]
+    python bench_stall.py --data-dir DIR [--methods pcl dk dkel] [--seeds 0 1 2 3 4 5 6 7 8 9]
 """
 import argparse
 import sys
@@ -34,10 +36,11 @@ def batches(data, batch_size: int, num_views: int, seed: int):
 
 
 def train_accuracies(args, data, steps: int) -> list[float]:
-    """The peers' mean train accuracy (%) of every step of the DKEL student's first `steps` steps,
-    as train.py trains it with `args` (the epoch weights of the first epoch throughout)."""
+    """The peers' mean train accuracy (%) of every step of the student's first `steps` steps, as
+    train.py trains it with `args` (the epoch weights of the first epoch throughout)."""
     torch.manual_seed(args.seed)
     method = train.build_method(args, data, data.device)
+    train.fast_forward(method, args.compile)
     optimizer = train.sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
     method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))
@@ -57,10 +60,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="an imagefolder tree (train/<class>/...)")
     parser.add_argument("--arch", default="resnet20", help="architecture (default resnet20)")
+    parser.add_argument("--methods", nargs="+", default=["dkel"], choices=cli.ONLINE_DISTILLATION,
+                        help="the students to check (default dkel)")
     parser.add_argument("--steps", type=int, default=30, help="SGD steps per run (default 30)")
     parser.add_argument("--last", type=int, default=10,
                         help="the train accuracy is the mean over this many last steps (default 10)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="seeds (default 0-4)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="as train.py --precision")
     options = parser.parse_args()
@@ -69,31 +75,36 @@ def main() -> int:
     if not 1 <= options.last <= options.steps:
         parser.error(f"--last must lie within 1..--steps ({options.steps}), got {options.last}")
     argv = ["--dataset", "imagefolder", "--data-dir", options.data_dir, "--arch", options.arch,
-            "--method", "dkel", "--epochs", "30", "--ema-decay", "0.99", "--precision", options.precision]
+            "--epochs", "30", "--ema-decay", "0.99", "--precision", options.precision]
     args = cli.resolve_args(argv)
     try:
         data = datasets.load_data(args.dataset, args.data_dir, torch.device(args.device))
     except datasets.DataError as error:
         parser.exit(2, f"bench_stall.py: error: {error}\n")
     chance = 100.0 / data.num_classes
-    print(f"dkel student, {args.arch}, 3 peers, lr {args.lr}, {options.steps} steps, {args.precision}; "
-          f"train accuracy (%) of the last {options.last} steps (chance {chance:.0f}, stall below "
+    print(f"{args.arch}, 3 peers, lr {args.lr}, {options.steps} steps, {args.precision}; train "
+          f"accuracy (%) of the last {options.last} steps (chance {chance:.0f}, stall below "
           f"{STALL_FACTOR * chance:.0f})")
     remedied_stalls = []
-    for seed in options.seeds:
-        line = [f"seed {seed}:"]
-        for remedy in (False, True):
-            args.seed, args.ensemble_lr_per_peer = seed, remedy
-            accuracies = train_accuracies(args, data, options.steps)
-            last = sum(accuracies[-options.last:]) / options.last
-            stalled = last < STALL_FACTOR * chance
-            label = "--ensemble-lr-per-peer" if remedy else "paper recipe"
-            line.append(f"{label} {last:5.1f}{' STALLED' if stalled else ''}")
-            if remedy and stalled:
-                remedied_stalls.append(seed)
-        print("  ".join(line), flush=True)
+    for method in options.methods:
+        stalls = {False: 0, True: 0}
+        for seed in options.seeds:
+            line = [f"{method} seed {seed}:"]
+            for remedy in (False, True):
+                args.method, args.seed, args.ensemble_lr_per_peer = method, seed, remedy
+                accuracies = train_accuracies(args, data, options.steps)
+                last = sum(accuracies[-options.last:]) / options.last
+                stalled = last < STALL_FACTOR * chance
+                stalls[remedy] += stalled
+                label = "--ensemble-lr-per-peer" if remedy else "paper recipe"
+                line.append(f"{label} {last:5.1f}{' STALLED' if stalled else ''}")
+                if remedy and stalled:
+                    remedied_stalls.append(f"{method} seed {seed}")
+            print("  ".join(line), flush=True)
+        print(f"{method}: {stalls[False]} of {len(options.seeds)} seeds stalled with the paper's "
+              f"recipe, {stalls[True]} with --ensemble-lr-per-peer", flush=True)
     if remedied_stalls:
-        print(f"FAIL: with --ensemble-lr-per-peer, seeds {remedied_stalls} stay near chance")
+        print(f"FAIL: with --ensemble-lr-per-peer, {', '.join(remedied_stalls)} stay near chance")
         return 1
     print("OK: no run with --ensemble-lr-per-peer stays near chance")
     return 0

@@ -103,6 +103,9 @@ def student_step(students: torch.Tensor, teachers: torch.Tensor, ensemble_weight
     # E - S_i = (m-1)/m * (mean_{j != i} S_j - S_i) points the same way.
     ensemble = peer_mean(students)  # (N, 1, 2)
     # NOTE(paper): the toy has no ramp-up lambda * r(ep) of Eq. (2); Sec. 3.4 lists none.
+    # NOTE(paper): each pull is a unit vector, our reading of the paper's "law of vector
+    # summation", which fixes no normalisation; the alternative sums the raw differences, whose
+    # pull grows with the distance (docs/spec.md Sec. 7).
     # Eq. (7) / (12): S_i' = S_i + eta * [unit(Y - S_i) + unit(E - S_i)
     #                  + w * unit(E_bar_i - S_i) + (1 - w) * 1/(m-1) * sum_{j != i} unit(T_j - S_i)]
     direction = (unit(-students) + unit(ensemble - students)
@@ -112,7 +115,8 @@ def student_step(students: torch.Tensor, teachers: torch.Tensor, ensemble_weight
 
 
 def ema_step(teachers: torch.Tensor, students: torch.Tensor, ema_decay: float) -> torch.Tensor:
-    """Eq. (8): T_i' = alpha * T_i + (1 - alpha) * S_i', for every teacher peer."""
+    """Eq. (8), the EMA of Eq. (5) in the plane, for every teacher peer."""
+    # Eq. (8): T_i' = alpha * T_i + (1 - alpha) * S_i'
     return ema_decay * teachers + (1 - ema_decay) * students
 
 
