@@ -84,7 +84,8 @@ def paper_numbers() -> dict[tuple[str, str, str, str], tuple[float, float | None
 PAPER_TABLES = paper_tables()
 PAPER = paper_numbers()
 BETA_HELP = ("table4's beta grid 0.05 0.1 0.2 0.5 1.0: the betas of the VGG-16 runs that the "
-             "authors' run script run_cifar10.sh lists (0.05, 0.1, 0.2, 1.0 and the default 0.5). "
+             "authors' run script run_cifar10.sh lists (0.05, 0.1, 0.2, 1.0 and their "
+             "configured 0.5). "
              "Which row of Table 4 is which beta is our reading: increasing betas, 0.5 fourth, "
              "since its row 4 is Table 1's DKEL (beta 0.5, Sec. 4.2) and its DenseNet CIFAR-100 "
              "column falls row by row as the prose says smaller beta is better. w(ep) falls "
