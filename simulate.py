@@ -106,6 +106,9 @@ def student_step(students: torch.Tensor, teachers: torch.Tensor, ensemble_weight
     # E - S_i = (m-1)/m * (mean_{j != i} S_j - S_i) points the same way.
     ensemble = peer_mean(students)  # (N, 1, 2)
     # NOTE(paper): the toy has no ramp-up lambda * r(ep) of Eq. (2); Sec. 3.4 lists none.
+    # NOTE(paper): a step of eta along each target's unit vector; "the law of vector summation"
+    # fixes no normalisation, and the raw differences P_k - S_i would pull far points harder
+    # (docs/spec.md Sec. 2, Eq. (7)). The (1 - w) on the teacher pull is Eq. (12)'s (Sec. 2).
     # Eq. (7) / (12): S_i' = S_i + eta * [unit(Y - S_i) + unit(E - S_i)
     #                  + w * unit(E_bar_i - S_i) + (1 - w) * 1/(m-1) * sum_{j != i} unit(T_j - S_i)]
     direction = (unit(-students) + unit(ensemble - students)
