@@ -25,7 +25,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-# Process exit codes of train.py (README, "Nothing lost, nothing silent").
+# Process exit codes of train.py (docs/training.md#exit-codes).
 # A bad flag, size, path, data set or run directory: nothing was trained.
 EXIT_BAD_INPUT = 2
 # The loss became non-finite or the model collapsed: the last good epoch is kept.
