@@ -1,5 +1,5 @@
-"""Check for the start-of-training stall of the multi-peer student (docs/training.md, "The start
-of training").
+"""Check for the start-of-training stall of the multi-peer student
+(docs/training.md#the-start-of-training).
 
 At the paper's settings (lr 0.1, Nesterov momentum 0.9, Sec. 4.2) the Eq. (3) ensemble head can
 overshoot in the first steps; its cross-entropy then drives the branches' pooled features to zero

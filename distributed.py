@@ -1,4 +1,4 @@
-r"""train.py on several processes, started by torchrun (README, "Beyond one GPU").
+r"""train.py on several processes, started by torchrun (docs/distributed.md).
 
     torchrun --nproc_per_node 4 train.py --dataset cifar100 --arch resnet110
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint host:29500 \

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from backbones import ARCHS
 from models import build_deployable
 
-# Process exit codes of train.py (README, "Nothing lost, nothing silent").
+# Process exit codes of train.py (docs/training.md#exit-codes).
 # A bad flag, size, path, data set or run directory: nothing was trained.
 EXIT_BAD_INPUT = 2
 # The loss became non-finite or the model collapsed: the last good epoch is kept.

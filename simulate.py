@@ -37,16 +37,19 @@ from losses import decay_weight
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-METHODS = ("pcl", "dk", "dkel")
+# The methods of Fig. 5, in the plane (train.py's methods are cli.METHODS).
+SIMULATED_METHODS = ("pcl", "dk", "dkel")
 # The colours and line styles of the paper's Fig. 5.
 STYLES = {"pcl": ("tab:green", ":"), "dk": ("tab:blue", ":"), "dkel": ("tab:orange", "-")}
 
-# NOTE(paper): the simulation's EMA decay is lost from the text ("... and [alpha] for EMA"), and
-# the training value 0.999 per iteration would leave a teacher that takes one EMA step per epoch at
+# NOTE(paper): the paper's Sec. 3.4 gives the simulation's EMA decay, but the plain-text extraction
+# this project worked from lost its digits ("... and [alpha] for EMA"), so the default is a reading.
+# The training value 0.999 per iteration would leave a teacher that takes one EMA step per epoch at
 # 0.999**90 = 91 % of its starting point after 90 epochs. One toy step is one epoch, so the default
-# compounds the paper's alpha = 0.999 (Sec. 4.2) over the ceil(50,000 / 128) = 391 iterations of a
-# CIFAR epoch: the toy teacher then lags its student by as many epochs as the real teacher does.
-DEFAULT_EMA_DECAY = 0.999 ** math.ceil(50_000 / 128)  # about 0.676
+# compounds the training alpha = 0.999 (the authors' code) over the 50,000 // 128 = 390 iterations
+# of a CIFAR epoch here (the partial batch dropped, docs/spec.md Sec. 3): the toy teacher then lags
+# its student by as many epochs as the real teacher does.
+DEFAULT_EMA_DECAY = 0.999 ** (50_000 // 128)  # about 0.677
 
 # NOTE(paper): the initial points are not given. A distance is a loss, and a randomly initialised
 # network predicts nearly uniformly, with cross-entropy ln C whatever its seed; the seed decides
@@ -103,9 +106,9 @@ def student_step(students: torch.Tensor, teachers: torch.Tensor, ensemble_weight
     # E - S_i = (m-1)/m * (mean_{j != i} S_j - S_i) points the same way.
     ensemble = peer_mean(students)  # (N, 1, 2)
     # NOTE(paper): the toy has no ramp-up lambda * r(ep) of Eq. (2); Sec. 3.4 lists none.
-    # NOTE(paper): each pull is a unit vector, our reading of the paper's "law of vector
-    # summation", which fixes no normalisation; the alternative sums the raw differences, whose
-    # pull grows with the distance (docs/spec.md Sec. 7).
+    # NOTE(paper): a step of eta along each target's unit vector; "the law of vector summation"
+    # fixes no normalisation, and the raw differences P_k - S_i would pull far points harder
+    # (docs/spec.md Sec. 2, Eq. (7)). The (1 - w) on the teacher pull is Eq. (12)'s (Sec. 2).
     # Eq. (7) / (12): S_i' = S_i + eta * [unit(Y - S_i) + unit(E - S_i)
     #                  + w * unit(E_bar_i - S_i) + (1 - w) * 1/(m-1) * sum_{j != i} unit(T_j - S_i)]
     direction = (unit(-students) + unit(ensemble - students)
@@ -178,7 +181,7 @@ def run_montecarlo(args: argparse.Namespace) -> dict:
     students = initial_points(args.trials, args.num_peers, args.init_radius, args.init_shape,
                               generator)  # (N, M, 2)
     curves = {}
-    for method in METHODS:
+    for method in SIMULATED_METHODS:
         # PCL's mean teacher starts as a copy of the student; DK and DKEL initialise it (Sec. 3.3).
         init_iters = 0 if method == "pcl" else args.init_iters
         teachers = initialise_teachers(students, init_iters, args.init_lr)
@@ -191,17 +194,18 @@ def run_montecarlo(args: argparse.Namespace) -> dict:
 def write_montecarlo_csv(path: Path, means: dict, stds: dict) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["epoch"] + [f"{m}_{s}" for m in METHODS for s in ("mean", "std")])
-        for epoch in range(len(means[METHODS[0]])):
+        writer.writerow(["epoch"] + [f"{m}_{stat}" for m in SIMULATED_METHODS
+                                     for stat in ("mean", "std")])
+        for epoch in range(len(means[SIMULATED_METHODS[0]])):
             writer.writerow([epoch] + [f"{values[m][epoch]:.6f}"
-                                       for m in METHODS for values in (means, stds)])
+                                       for m in SIMULATED_METHODS for values in (means, stds)])
 
 
 def plot_montecarlo(path: Path, means: dict, stds: dict, converged: dict, decay: str) -> None:
     """Left: Fig. 5, the mean teacher gap with a band of one std; right: each gap minus PCL's."""
     figure, (axis, difference) = plt.subplots(1, 2, figsize=(12, 4.2))
-    epochs = range(len(means[METHODS[0]]))
-    for method in METHODS:
+    epochs = range(len(means[SIMULATED_METHODS[0]]))
+    for method in SIMULATED_METHODS:
         colour, line = STYLES[method]
         label = method.upper() + (f" ({decay})" if method == "dkel" and decay != "exp" else "")
         mean, std = torch.tensor(means[method]), torch.tensor(stds[method])
@@ -238,7 +242,7 @@ def montecarlo_command(args: argparse.Namespace) -> None:
     means = {m: c.mean(dim=1).tolist() for m, c in curves.items()}
     stds = {m: c.std(dim=1, correction=0).tolist() for m, c in curves.items()}
     seconds = time.perf_counter() - start
-    converged = {m: convergence_epoch(means[m], args.tolerance) for m in METHODS}
+    converged = {m: convergence_epoch(means[m], args.tolerance) for m in SIMULATED_METHODS}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_montecarlo_csv(out_dir / "montecarlo.csv", means, stds)
@@ -246,11 +250,11 @@ def montecarlo_command(args: argparse.Namespace) -> None:
     checkpoint = min(10, args.epochs)
     header = ("method", "gap@0", f"gap@{checkpoint}", "converged", "final gap (mean ± std)")
     print("{:<7}{:>8}{:>9}{:>11}   {}".format(*header))
-    for m in METHODS:
+    for m in SIMULATED_METHODS:
         print(f"{m:<7}{means[m][0]:8.3f}{means[m][checkpoint]:9.3f}{converged[m]:11d}"
               f"   {means[m][-1]:.4f} ± {stds[m][-1]:.4f}")
-    print(f"simulated {len(METHODS)} methods x {args.trials} trials x {args.epochs} epochs in "
-          f"{seconds:.2f} s; wrote montecarlo.csv and montecarlo.png to {out_dir}")
+    print(f"simulated {len(SIMULATED_METHODS)} methods x {args.trials} trials x {args.epochs} "
+          f"epochs in {seconds:.2f} s; wrote montecarlo.csv and montecarlo.png to {out_dir}")
 
 
 def angle_degrees(first: torch.Tensor, vertex: torch.Tensor, second: torch.Tensor) -> float:
@@ -342,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="learning rate, the step length per unit-weight target "
                              "(paper Sec. 3.4: 0.1)")
     shared.add_argument("--ema-decay", type=float, default=DEFAULT_EMA_DECAY,
-                        help="EMA decay alpha per epoch, Eq. (8); lost from the paper's text. "
-                             "Default 0.999**391 = %(default).3f: the training alpha 0.999 "
-                             "(Sec. 4.2) compounded over the 391 iterations of a CIFAR epoch")
+                        help="EMA decay alpha per epoch, Eq. (8) (paper Sec. 3.4 gives one; the "
+                             "text this project worked from lost its digits). Default "
+                             "0.999**390 = %(default).3f: the training alpha 0.999 compounded "
+                             "over the 390 iterations of a CIFAR epoch (docs/spec.md Sec. 7)")
     shared.add_argument("--init-iters", type=int, default=1,
                         help="teacher initialisation steps towards Y for DK and DKEL "
                              "(Sec. 3.3 and 3.4: 1)")

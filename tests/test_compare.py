@@ -196,6 +196,10 @@ def test_table3_and_table4_say_what_the_paper_has_that_we_do_not(tmp_path):
                "94.89 77.20 94.23 72.78", "94.79 76.76 93.64 72.75"]     # paper.txt, Table 4
     for i, row in enumerate(printed, 1):
         assert f"| {i} | " + " | ".join(row.split()) + " |" in table
+    # The betas the authors' run_cifar10.sh trains VGG-16 with: 0.05, 0.1, 0.2, 1.0 and 0.5.
+    betas = [flags for _, _, flags in compare.EXPERIMENTS["table4"].settings]
+    assert betas == [("--beta", v) for v in ("0.05", "0.1", "0.2", "0.5", "1.0")]
+    assert "| β = 1.0 | — | — | — | — |" in table and "read as β = 0.05, 0.1, 0.2, 0.5, 1.0" in table
 
 
 def test_deployed_curve_reads_the_evaluated_epochs(tmp_path):

@@ -1,6 +1,6 @@
-"""Faults and impossible input (README, "Nothing lost, nothing silent"): every refusal exits with
-its code and one line naming the flag or path, without a traceback; SIGTERM and a failing write
-stop a run with the finished epochs saved, and --resume ends where an uninterrupted run ends."""
+"""Faults and impossible input (docs/training.md#exit-codes): every refusal exits with its code
+and one line naming the flag or path, without a traceback; SIGTERM and a failing write stop a
+run with the finished epochs saved, and --resume ends where an uninterrupted run ends."""
 import csv
 import errno
 import fcntl

@@ -1,5 +1,6 @@
-"""The start-of-training stall of the multi-peer student (docs/training.md, issue #20), and
---ensemble-lr-per-peer, which trains the Eq. (3) ensemble head at lr/M.
+"""The start-of-training stall of the multi-peer student
+(docs/training.md#the-start-of-training), and --ensemble-lr-per-peer, which trains the Eq. (3)
+ensemble head at lr/M.
 
 The head h classifies the M stacked pooled features, all >= 0, so the curvature of L_ce(e, y) in
 h's weights is ~M times a peer classifier's. At the paper's lr 0.1 with Nesterov momentum 0.9 a
