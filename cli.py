@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def defaults() -> dict:
+    """Every flag's default as argparse gives it (before `resolve_args` scales the schedules): what
+    a run's config.json that lacks a flag (a run made before the flag existed) was made with."""
+    return vars(build_parser().parse_args([]))
+
+
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse, fill the schedule defaults scaled to --epochs (docs/spec.md Sec. 3) and validate.
     Bad input exits with one line and code 2 (argparse's `error`)."""

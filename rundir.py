@@ -25,6 +25,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+import cli
+
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 # A bad flag, size, path, data set or run directory: nothing was trained.
 EXIT_BAD_INPUT = 2
@@ -41,6 +43,8 @@ EXIT_TERMINATED = 143
 
 # Arguments that may change between a run and its resumption without changing its results.
 RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
+# Settings that name a directory: "runs/x", "./runs/x" and its absolute path are one setting.
+PATHS = {"teacher_run"}
 
 
 class RunStopped(Exception):
@@ -58,14 +62,31 @@ def config_of(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
-    """The settings that differ between a checkpoint's configuration and this run's."""
+    """The settings that differ between a checkpoint's (or config.json's) configuration and this
+    run's. A setting that `saved` lacks, a run made before its flag existed, was made with the
+    flag's default (`with_defaults`); a path is compared as the directory it names."""
+    saved = with_defaults(saved)
     ignored = RESUMABLE | {"torch", "device_name", "world_size"}  # world_size: `check_world_size`
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in ignored and saved.get(k) != current.get(k))
+    return sorted(k for k in set(saved) | set(current) if k not in ignored
+                  and as_compared(k, saved.get(k)) != as_compared(k, current.get(k)))
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved configuration with each flag it lacks at its default (cli.defaults)."""
+    return {**cli.defaults(), **saved}
+
+
+def as_compared(key: str, value):
+    """A setting as two runs are compared on it: a path (PATHS) resolved, relative to the current
+    directory, with its symbolic links followed."""
+    if key in PATHS and isinstance(value, str):
+        return os.path.realpath(value)
+    return value
 
 
 def setting_changes(saved: dict, current: dict, keys: list[str]) -> str:
     """The settings `keys` as the user reads them: "--epochs: 1 -> 2, --lr: 0.1 -> 0.05"."""
+    saved = with_defaults(saved)
     return ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
                      for k in keys)
 

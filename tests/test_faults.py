@@ -197,6 +197,39 @@ def test_resume_of_a_run_stopped_in_its_first_epoch_refuses_other_settings(tmp_p
     assert len(message.splitlines()) == 1 and "--beta: 0.5 -> 0.25" in message, message
 
 
+def without_setting(out_dir, key):
+    """The run in `out_dir` as a version of train.py without the flag of `key` wrote it."""
+    checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    del checkpoint["config"][key]
+    torch.save(checkpoint, out_dir / "checkpoint.pt")
+    config = json.loads((out_dir / "config.json").read_text())
+    del config[key]
+    (out_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_a_run_made_before_a_flag_existed_resumes_at_the_flags_default(tmp_path, capsys):
+    finished_run(tmp_path)
+    without_setting(tmp_path, "ensemble_lr_per_peer")
+    assert train.main(args_for(tmp_path, "--epochs", "1", "--resume")) == 0
+    # Its missing setting is the flag's default, False: with the flag on it is another run.
+    capsys.readouterr()
+    flagged = args_for(tmp_path, "--epochs", "1", "--resume", "--method", "dkel",
+                       "--ensemble-lr-per-peer")
+    assert train.main(flagged) == 2
+    assert "--ensemble-lr-per-peer: False -> True" in capsys.readouterr().err
+
+
+def test_a_teacher_run_spelt_otherwise_is_the_same_setting(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(args_for("teacher", "--method", "baseline", "--epochs", "1")) == 0
+    kd = args_for("kd", "--method", "kd", "--epochs", "1")
+    assert train.main([*kd, "--teacher-run", "teacher"]) == 0
+    for spelling in ("./teacher", str(tmp_path / "teacher"), "teacher/"):
+        assert train.main([*kd, "--teacher-run", spelling, "--resume"]) == 0, spelling
+    assert train.main([*kd, "--teacher-run", "kd", "--resume"]) == 2   # another directory
+    assert "--teacher-run: 'teacher' -> 'kd'" in capsys.readouterr().err
+
+
 def test_a_process_refused_by_the_lock_removes_nothing(tmp_path, monkeypatch, capsys):
     out_dir, held = tmp_path / "run", []
     real_prepare = rundir.prepare
