@@ -377,8 +377,12 @@ def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, sch
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     torch.set_rng_state(checkpoint["rng_cpu"])
-    if torch.cuda.is_available() and checkpoint.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+    # The CUDA generators of the GPUs this process sees, which may be fewer than the run was
+    # started with (compare.py --gpus shows each child one); the data draws from generators of its
+    # own, seeded by (seed, epoch) (data.epoch_generator).
+    cuda_states = checkpoint.get("rng_cuda") or []
+    for index, state in enumerate(cuda_states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
     return {k: checkpoint[k] for k in ("epoch", "step", "history", "deployable") if k in checkpoint}
 
 

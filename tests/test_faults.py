@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 
+import cli
 import report
 import rundir
 import train
@@ -228,6 +229,40 @@ def test_a_teacher_run_spelt_otherwise_is_the_same_setting(tmp_path, monkeypatch
         assert train.main([*kd, "--teacher-run", spelling, "--resume"]) == 0, spelling
     assert train.main([*kd, "--teacher-run", "kd", "--resume"]) == 2   # another directory
     assert "--teacher-run: 'teacher' -> 'kd'" in capsys.readouterr().err
+
+
+class RecordingGenerator:
+    """Stands in for a GPU's CUDA generator: records the states set on it."""
+
+    def __init__(self):
+        self.states = []
+
+    def set_state(self, state):
+        self.states.append(state)
+
+
+def test_a_run_started_with_more_gpus_resumes_with_the_generators_it_sees(tmp_path, monkeypatch):
+    """Started with 2 GPUs visible (two CUDA generator states saved), resumed seeing one (compare.py
+    --gpus): torch.cuda's own set_rng_state runs, on a machine that stands in for one GPU."""
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1])
+    config = cli.defaults()
+    rundir.save_checkpoint(str(tmp_path), {"net": net}, optimizer, scheduler,
+                           {"epoch": 1, "step": 8, "history": []}, config)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    checkpoint["rng_cuda"] = saved
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    visible = RecordingGenerator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda.random, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "default_generators", (visible,))
+    state = rundir.restore_checkpoint(str(tmp_path), config, {"net": net}, optimizer, scheduler)
+    assert state["epoch"] == 1
+    assert len(visible.states) == 1 and torch.equal(visible.states[0], saved[0])
 
 
 def test_a_process_refused_by_the_lock_removes_nothing(tmp_path, monkeypatch, capsys):
