@@ -100,7 +100,7 @@ class StopRequests:
     kill it: the loop calls `check`, which raises RunStopped (exit 143 or 130) with the resume
     command. Every finished epoch is already in the checkpoint. A second signal of the same kind
     stops at once, with the same exit code (StoppedAtOnce). Used as a context manager around a run
-    (main thread only).
+    (main thread only); a signal that came after the last check ends it with its exit code too.
 
     Under torchrun the signal may reach one rank, or the ranks at different steps, and a rank that
     stopped alone would leave the others waiting in a collective. So the ranks stop together: after
@@ -119,10 +119,16 @@ class StopRequests:
                              for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type, exc, traceback):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous = {}
+        if exc_type is None and self.received is not None:
+            # A stop after the last check (while the summary was written): the run has finished,
+            # and the process still ends with the signal's code, so that a sweep stops too.
+            raise RunStopped(f"stopped by {signal.Signals(self.received).name} as the run ended: "
+                             f"it has finished and every file is written",
+                             exit_code_of(self.received))
 
     def _handle(self, number: int, frame) -> None:
         if self.received == number:
@@ -234,6 +240,19 @@ def _locked(out_dir: str, resume: bool, created: bool):
                     os.remove(lock.name)
                     os.rmdir(out_dir)
             raise
+
+
+def move_aside(out_dir: str, aside: str) -> bool:
+    """Rename the run directory `out_dir` to `aside` while holding its lock (`hold_run_dir`), so
+    that no train.py is training in it meanwhile (it would write on into the new name); False, and
+    nothing moved, when a process holds it."""
+    with open(os.path.join(out_dir, ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        os.rename(out_dir, aside)
+    return True
 
 
 def writes_files() -> bool:
