@@ -341,12 +341,15 @@ def test_gpus_run_k_children_at_a_time_on_each_device(tmp_path, stand_in_childre
     (["--runs-per-gpu", "2"], "--runs-per-gpu is for --gpus"),
     (["--gpus", "0", "--runs-per-gpu", "0"], "--runs-per-gpu must be at least 1, got 0"),
 ])
-def test_a_gpu_listed_twice_or_runs_per_gpu_alone_is_refused(tmp_path, capsys, flags, message):
+def test_a_gpu_listed_twice_or_runs_per_gpu_alone_is_refused(tmp_path, stand_in_children, capsys,
+                                                             flags, message):
     with pytest.raises(SystemExit) as stop:
-        compare.main(["--runs-dir", str(tmp_path), *flags])
+        compare.main(["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline",
+                      "--seeds", "0", "--runs-dir", str(tmp_path), *flags])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert stand_in_children.started == []
 
 
 def test_gpus_show_the_reason_of_a_child_that_failed(tmp_path, stand_in_children, monkeypatch,
