@@ -4,6 +4,7 @@ defaults scaled to --epochs (docs/spec.md Sec. 3), and one-line refusals of bad 
     python train.py --dataset cifar10 --arch resnet32 --beta 0.5
 """
 import argparse
+import json
 import os
 from typing import NamedTuple
 
@@ -118,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="evaluate on the test split every N epochs (and always after the last)")
     a("--precision", default="auto", choices=("auto", "bf16", "fp32"),
       help="forward passes under bf16 autocast or in fp32 (losses, EMA, BatchNorm statistics and "
-           "master weights stay fp32); auto: bf16 on CUDA and on a CPU with native bf16, fp32 "
-           "elsewhere")
+           "master weights stay fp32); auto: the precision the run in --out-dir was started in "
+           "(its config.json), else bf16 on CUDA and on a CPU with native bf16, fp32 elsewhere")
     a("--compile", action="store_true",
       help="torch.compile the forward passes of the trained networks (and teacher)")
     a("--sync-bn", action="store_true",
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
            "student network, trunk included (default, the paper's reading: EMA branches on the "
            "student's own trunk, docs/spec.md Sec. 2, 8); not part of --authors-code")
     return p
+
+
+def defaults() -> dict:
+    """Every flag's default as argparse gives it (before `resolve_args` scales the schedules): what
+    a run's config.json that lacks a flag (a run made before the flag existed) was made with."""
+    return vars(build_parser().parse_args([]))
 
 
 def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,11 +214,24 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine; use "
                      f"--device cpu")
-    if args.precision == "auto":  # config.json records what ran
-        args.precision = "bf16" if native_bf16(torch.device(args.device)) else "fp32"
     default_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{args.method}_seed{args.seed}")
     args.out_dir = args.out_dir or default_dir
+    if args.precision == "auto":  # config.json records what ran
+        args.precision = recorded_precision(args.out_dir) or (
+            "bf16" if native_bf16(torch.device(args.device)) else "fp32")
     return args
+
+
+def recorded_precision(out_dir: str) -> str | None:
+    """The precision that the run in `out_dir` was started in, as its config.json records it;
+    None without a readable one. Under --precision auto a run goes on in it, on any machine: another
+    precision would change its numbers (and `rundir.resumes` would refuse it)."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            precision = json.load(f).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return precision if precision in ("bf16", "fp32") else None
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -1,7 +1,7 @@
 """The paper's Tables 1-4, Fig. 6 and Fig. 7 from runs of train.py, one `--experiment` each: a
 grid of runs (data sets x networks x methods x settings x seeds), each in its own directory
 <runs-dir>/<dataset>_<arch>_<method>[_<setting>]_seed<seed>. compare.py trains the unfinished
-ones in turn (or, with `--gpus`, one per GPU at a time), then writes
+ones in turn (or, with `--gpus`, `--runs-per-gpu` at a time on each GPU), then writes
 <runs-dir>/<experiment>_<datasets>.md -- each run's honest figure (report.headline), mean +- std
 over seeds, the paper's number in brackets (paper_results.csv), the paper's best-epoch convention,
 every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list` prints the grid,
@@ -163,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--cell", type=int, metavar="I",
                       help="train only the I-th run of --list (0-based; e.g. $SLURM_ARRAY_TASK_ID)")
     mode.add_argument("--gpus", nargs="+", metavar="ID",
-                      help="train in parallel, one run at a time per listed GPU "
-                           "(CUDA_VISIBLE_DEVICES)")
+                      help="train in parallel, one child process per run, each seeing one listed "
+                           "GPU (CUDA_VISIBLE_DEVICES); list each GPU once")
+    a("--runs-per-gpu", type=int, default=1, metavar="K",
+      help="with --gpus: K runs at a time on each GPU (small CIFAR networks leave a large GPU "
+           "mostly idle; each run holds its own copy of the data set on the GPU)")
     return p
 
 
@@ -187,7 +190,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.retrain_mismatched and (args.read_only or args.list):
         parser.error("--retrain-mismatched trains: not with --read-only or --list")
+    check_gpus(parser, args)
     return args
+
+
+def check_gpus(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--gpus names each GPU once (K runs at a time on each: --runs-per-gpu K)."""
+    twice = sorted({gpu for gpu in args.gpus or [] if args.gpus.count(gpu) > 1})
+    if twice:
+        parser.error(f"--gpus lists GPU {' '.join(twice)} more than once; list each GPU once and "
+                     f"give the runs at a time on each with --runs-per-gpu K")
+    if args.runs_per_gpu < 1:
+        parser.error(f"--runs-per-gpu must be at least 1, got {args.runs_per_gpu}")
+    if args.runs_per_gpu > 1 and not args.gpus:
+        parser.error("--runs-per-gpu is for --gpus (the runs without it go one at a time)")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -201,11 +217,18 @@ def collect(args, runs: list[sweep.Run],
         if run in untabulated or not os.path.exists(path):
             problems.append(f"{sweep.run_dir(args, run)}: {untabulated.get(run, 'missing')}")
             continue
-        with open(path) as f:
-            summary = json.load(f)
+        try:
+            with open(path) as f:
+                summary = json.load(f)
+            final = report.headline(summary)
+            best = summary["paper_convention_best_peer_best_epoch"]["acc"]
+        except (OSError, ValueError, LookupError, TypeError) as error:
+            problems.append(f"{sweep.run_dir(args, run)}: its summary.json cannot be read "
+                            f"({type(error).__name__}); move the directory aside to train it again")
+            continue
         entry = results.setdefault(run.key(), {"final": [], "best": []})
-        entry["final"].append(report.headline(summary))
-        entry["best"].append(summary["paper_convention_best_peer_best_epoch"]["acc"])
+        entry["final"].append(final)
+        entry["best"].append(best)
     return results, problems
 
 
@@ -393,17 +416,20 @@ def curve_chart(args, runs: list[sweep.Run], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     runs = sweep.grid(args)
-    if args.list:
-        return sweep.list_runs(args, runs)
-    mismatched = sweep.made_otherwise(args, runs)
     try:
+        sweep.check_train_args(args, runs)
+        if args.list:
+            return sweep.list_runs(args, runs)
+        mismatched, unreadable = sweep.made_otherwise(args, runs)
         if args.cell is not None:
-            return sweep.train_cell(args, runs, mismatched)
+            return sweep.train_cell(args, runs, mismatched, unreadable)
+        for run, why in unreadable.items():
+            print(f"{sweep.run_dir(args, run)}: {why}", file=sys.stderr)
         if args.read_only:
-            untabulated = {run: f"made with other settings ({why})"
-                           for run, why in mismatched.items()}
+            untabulated = {**unreadable, **{run: f"made with other settings ({why})"
+                                            for run, why in mismatched.items()}}
         else:
-            untabulated = sweep.train_missing(args, runs, mismatched)
+            untabulated = sweep.train_missing(args, runs, mismatched, unreadable)
     except rundir.RunStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code

@@ -26,6 +26,7 @@ import threading
 import torch
 import torch.distributed as dist
 
+import cli
 from backbones import ARCHS
 from models import build_deployable
 
@@ -45,6 +46,8 @@ EXIT_TERMINATED = 143
 
 # Arguments that may change between a run and its resumption without changing its results.
 RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
+# Settings that name a directory: "runs/x", "./runs/x" and its absolute path are one setting.
+PATHS = {"teacher_run"}
 
 
 class RunStopped(Exception):
@@ -62,14 +65,31 @@ def config_of(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
-    """The settings that differ between a checkpoint's configuration and this run's."""
+    """The settings that differ between a checkpoint's (or config.json's) configuration and this
+    run's. A setting that `saved` lacks, a run made before its flag existed, was made with the
+    flag's default (`with_defaults`); a path is compared as the directory it names."""
+    saved = with_defaults(saved)
     ignored = RESUMABLE | {"torch", "device_name", "world_size"}  # world_size: `check_world_size`
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in ignored and saved.get(k) != current.get(k))
+    return sorted(k for k in set(saved) | set(current) if k not in ignored
+                  and as_compared(k, saved.get(k)) != as_compared(k, current.get(k)))
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved configuration with each flag it lacks at its default (cli.defaults)."""
+    return {**cli.defaults(), **saved}
+
+
+def as_compared(key: str, value):
+    """A setting as two runs are compared on it: a path (PATHS) resolved, relative to the current
+    directory, with its symbolic links followed."""
+    if key in PATHS and isinstance(value, str):
+        return os.path.realpath(value)
+    return value
 
 
 def setting_changes(saved: dict, current: dict, keys: list[str]) -> str:
     """The settings `keys` as the user reads them: "--epochs: 1 -> 2, --lr: 0.1 -> 0.05"."""
+    saved = with_defaults(saved)
     return ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {current.get(k)!r}"
                      for k in keys)
 
@@ -83,7 +103,7 @@ class StopRequests:
     kill it: the loop calls `check`, which raises RunStopped (exit 143 or 130) with the resume
     command. Every finished epoch is already in the checkpoint. A second signal of the same kind
     stops at once, with the same exit code (StoppedAtOnce). Used as a context manager around a run
-    (main thread only).
+    (main thread only); a signal that came after the last check ends it with its exit code too.
 
     Under torchrun the signal may reach one rank, or the ranks at different steps, and a rank that
     stopped alone would leave the others waiting in a collective. So the ranks stop together: after
@@ -102,10 +122,16 @@ class StopRequests:
                              for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type, exc, traceback):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous = {}
+        if exc_type is None and self.received is not None:
+            # A stop after the last check (while the summary was written): the run has finished,
+            # and the process still ends with the signal's code, so that a sweep stops too.
+            raise RunStopped(f"stopped by {signal.Signals(self.received).name} as the run ended: "
+                             f"it has finished and every file is written",
+                             exit_code_of(self.received))
 
     def _handle(self, number: int, frame) -> None:
         if self.received == number:
@@ -217,6 +243,19 @@ def _locked(out_dir: str, resume: bool, created: bool):
                     os.remove(lock.name)
                     os.rmdir(out_dir)
             raise
+
+
+def move_aside(out_dir: str, aside: str) -> bool:
+    """Rename the run directory `out_dir` to `aside` while holding its lock (`hold_run_dir`), so
+    that no train.py is training in it meanwhile (it would write on into the new name); False, and
+    nothing moved, when a process holds it."""
+    with open(os.path.join(out_dir, ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        os.rename(out_dir, aside)
+    return True
 
 
 def writes_files() -> bool:
@@ -360,8 +399,12 @@ def restore_checkpoint(out_dir: str, config: dict, modules: dict, optimizer, sch
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     torch.set_rng_state(checkpoint["rng_cpu"])
-    if torch.cuda.is_available() and checkpoint.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+    # The CUDA generators of the GPUs this process sees, which may be fewer than the run was
+    # started with (compare.py --gpus shows each child one); the data draws from generators of its
+    # own, seeded by (seed, epoch) (data.epoch_generator).
+    cuda_states = checkpoint.get("rng_cuda") or []
+    for index, state in enumerate(cuda_states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
     return {k: checkpoint[k] for k in ("epoch", "step", "history", "deployable") if k in checkpoint}
 
 

@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 
+import cli
 import report
 import rundir
 import train
@@ -195,6 +196,73 @@ def test_resume_of_a_run_stopped_in_its_first_epoch_refuses_other_settings(tmp_p
     assert train.main(args_for(tmp_path, "--epochs", "1", "--resume", "--beta", "0.25")) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "--beta: 0.5 -> 0.25" in message, message
+
+
+def without_setting(out_dir, key):
+    """The run in `out_dir` as a version of train.py without the flag of `key` wrote it."""
+    checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    del checkpoint["config"][key]
+    torch.save(checkpoint, out_dir / "checkpoint.pt")
+    config = json.loads((out_dir / "config.json").read_text())
+    del config[key]
+    (out_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_a_run_made_before_a_flag_existed_resumes_at_the_flags_default(tmp_path, capsys):
+    finished_run(tmp_path)
+    without_setting(tmp_path, "ensemble_lr_per_peer")
+    assert train.main(args_for(tmp_path, "--epochs", "1", "--resume")) == 0
+    # Its missing setting is the flag's default, False: with the flag on it is another run.
+    capsys.readouterr()
+    flagged = args_for(tmp_path, "--epochs", "1", "--resume", "--method", "dkel",
+                       "--ensemble-lr-per-peer")
+    assert train.main(flagged) == 2
+    assert "--ensemble-lr-per-peer: False -> True" in capsys.readouterr().err
+
+
+def test_a_teacher_run_spelt_otherwise_is_the_same_setting(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(args_for("teacher", "--method", "baseline", "--epochs", "1")) == 0
+    kd = args_for("kd", "--method", "kd", "--epochs", "1")
+    assert train.main([*kd, "--teacher-run", "teacher"]) == 0
+    for spelling in ("./teacher", str(tmp_path / "teacher"), "teacher/"):
+        assert train.main([*kd, "--teacher-run", spelling, "--resume"]) == 0, spelling
+    assert train.main([*kd, "--teacher-run", "kd", "--resume"]) == 2   # another directory
+    assert "--teacher-run: 'teacher' -> 'kd'" in capsys.readouterr().err
+
+
+class RecordingGenerator:
+    """Stands in for a GPU's CUDA generator: records the states set on it."""
+
+    def __init__(self):
+        self.states = []
+
+    def set_state(self, state):
+        self.states.append(state)
+
+
+def test_a_run_started_with_more_gpus_resumes_with_the_generators_it_sees(tmp_path, monkeypatch):
+    """Started with 2 GPUs visible (two CUDA generator states saved), resumed seeing one (compare.py
+    --gpus): torch.cuda's own set_rng_state runs, on a machine that stands in for one GPU."""
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1])
+    config = cli.defaults()
+    rundir.save_checkpoint(str(tmp_path), {"net": net}, optimizer, scheduler,
+                           {"epoch": 1, "step": 8, "history": []}, config)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    checkpoint["rng_cuda"] = saved
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    visible = RecordingGenerator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda.random, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "default_generators", (visible,))
+    state = rundir.restore_checkpoint(str(tmp_path), config, {"net": net}, optimizer, scheduler)
+    assert state["epoch"] == 1
+    assert len(visible.states) == 1 and torch.equal(visible.states[0], saved[0])
 
 
 def test_a_process_refused_by_the_lock_removes_nothing(tmp_path, monkeypatch, capsys):

@@ -101,6 +101,42 @@ def test_resume_gives_the_same_weights_and_metrics(tmp_path, monkeypatch, precis
                 == {k: v for k, v in row_b.items() if k not in timing})
 
 
+def test_two_optimizer_groups_survive_a_resume(tmp_path, monkeypatch):
+    """--ensemble-lr-per-peer: the head's group at lr/M, the others at lr, through two milestones
+    (stopped after the first)."""
+    flags = ("--method", "dkel", "--ensemble-lr-per-peer", "--milestones", "1", "2",
+             "--batch-size", "64")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    real_save, real_weights, rates = train.rundir.save_checkpoint, train.epoch_weights, {}
+
+    def recording_rates(out_dir, modules, optimizer, *rest):  # after each epoch's schedule step
+        rates.setdefault(out_dir, []).append([group["lr"] for group in optimizer.param_groups])
+        return real_save(out_dir, modules, optimizer, *rest)
+
+    def stopped_after_the_first_milestone(args, epoch):  # called at the start of every epoch
+        if epoch == 1 and not os.path.exists(os.path.join(args.out_dir, "summary.json")):
+            raise KeyboardInterrupt
+        return real_weights(args, epoch)
+
+    monkeypatch.setattr(train.rundir, "save_checkpoint", recording_rates)
+    assert train.main(args_for(straight, *flags)) == 0
+    monkeypatch.setattr(train, "epoch_weights", stopped_after_the_first_milestone)
+    assert train.main(args_for(resumed, *flags)) == 130
+    monkeypatch.setattr(train, "epoch_weights", real_weights)
+    assert train.main(args_for(resumed, *flags, "--resume")) == 0
+    expected = [0.01, 0.01 / 3, 0.001, 0.001 / 3]  # each epoch's lr and lr / M (M = 3)
+    for out_dir in (straight, resumed):
+        assert sum(rates[str(out_dir)], []) == pytest.approx(expected, rel=1e-12)
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for name in ("student", "teacher"):
+        assert all(torch.equal(value, b[name][key]) for key, value in a[name].items()), name
+    timing = {"epoch_seconds", "images_per_s"}
+    assert ([{k: v for k, v in row.items() if k not in timing} for row in read_metrics(straight)]
+            == [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(resumed)])
+
+
 def test_collapse_stops_the_run(tmp_path, capsys):
     assert train.main(args_for(tmp_path, "--collapse-threshold", "1e9")) == 3
     assert "collapse in epoch 1" in capsys.readouterr().err
