@@ -38,11 +38,13 @@ def dkel_step(args, dataset, device, precision: str, per_view_bn: bool = True):
     """train.py's DKEL step in `precision` on batches of `dataset`, as a function of no argument
     that runs one step; with `per_view_bn` False the trunks' BatchNorm normalises all M*B stacked
     images together. Shared with bench_cuda.py."""
-    method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device, temperature=3.0,
-                  kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01, compile=args.compile)
+    method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device,
+                  temperature=3.0, kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01,
+                  compile=args.compile)
     for module in [*method.student.modules(), *method.teacher.network.modules()]:
         if isinstance(module, ViewBatchNorm2d) and not per_view_bn:
-            module.__class__ = torch.nn.BatchNorm2d  # the same parameters and buffers, one statistic
+            # The same parameters and buffers, one statistic.
+            module.__class__ = torch.nn.BatchNorm2d
     optimizer = train.sgd(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     method.set_mode(True)
     generator = torch.Generator(device=device).manual_seed(0)
