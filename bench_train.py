@@ -48,7 +48,8 @@ def dkel_step(args, dataset, device, precision: str, per_view_bn: bool = True):
     optimizer = train.sgd(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     method.set_mode(True)
     generator = torch.Generator(device=device).manual_seed(0)
-    batches = data.train_batches(dataset, args.batch_size, 3, generator)
+    epochs = (data.train_batches(dataset, args.batch_size, 3, generator) for _ in itertools.count())
+    batches = itertools.chain.from_iterable(epochs)   # epoch after epoch, as many steps as asked
     counter = itertools.count()
 
     def step() -> None:
