@@ -55,7 +55,10 @@ RUN_FILES = ("config.json", "checkpoint.pt", "metrics.csv", "summary.json", "dep
 PAPER_EPOCHS, PAPER_STEPS, TABLE1_RUNS = 300, 390, 270   # Sec. 4.2 (50,000 / 128); Table 1
 FULL_WEIGHTS = {"rampup": 1.0, "w": 0.5}   # r(ep), w(ep): every term of Eq. (12) counts
 PAY = 1.1   # a further run per GPU pays when it adds at least 10% to the throughput
-LOSS_AGREEMENT = 0.05   # torchrun's epoch-1 loss within 5% of the one-GPU run's
+# torchrun's epoch-1 loss within 10% of the one-GPU run's: with --sync-bn the two compute the
+# same steps up to rounding (distributed.py); per-rank BatchNorm statistics, without it, made
+# them 31% apart on the CPU (gloo, resnet8). Our choice, not yet measured on GPUs.
+LOSS_AGREEMENT = 0.10
 
 
 class CheckFailed(Exception):
@@ -99,7 +102,8 @@ def run_part(name: str, cap: float, items: list, skip: str | None = None) -> dic
         if not reason and left <= 0:
             reason = f"the part's time cap of {cap:g} s was used up"
         if reason:
-            results.append({"name": label, "status": "skipped", "reason": reason})
+            results.append({"name": label, "status": "skipped", "reason": reason, "values": {},
+                            "seconds": 0.0})
             continue
         results.append(run_item(name, label, function, left, cap))
         if results[-1]["status"] == "skipped":
@@ -564,7 +568,7 @@ def finished_run(settings, work_dir: str, name: str, ranks: int, values: dict) -
     values["speedup"] = values["images_per_s"] / float(alone[1]["images_per_s"])
     check(values["loss_error"] <= LOSS_AGREEMENT,
           f"epoch 1's loss {values['loss_epoch1']:.4f} differs by {values['loss_error']:.1%} "
-          f"from the one-GPU run's {alone[0]['loss']}")
+          f"from the one-GPU run's {float(alone[0]['loss']):.4f}")
     return (f"epoch 1's loss within {values['loss_error']:.2%} of the one-GPU run's; epoch 2 "
             f"{values['speedup']:.2f}x its images/s")
 
