@@ -18,7 +18,8 @@ Four parts, in this order, each under a time cap (what a cap cuts short is repor
   together), and how many runs per GPU pay;
 - multi-GPU, with 2 CUDA devices or more: train.py under torchrun on 2 GPUs (NCCL, --sync-bn)
   against the one-GPU run, a SIGTERM to rank 1 alone that stops every rank, and --resume.
-Prints one report, writes it as JSON (--json) and exits with 1 when a check failed, 0 otherwise.
+Prints one report, writes it as JSON (--json) and exits with 1 when a check failed, 0 otherwise
+(130 on Ctrl-C and 143 on SIGTERM, after reporting the parts that finished).
 With --device cpu and tiny sizes the script runs in the test suite (tests/test_bench_cuda.py).
 """
 import argparse
@@ -44,6 +45,7 @@ import bench_data
 import bench_train
 import cli
 import data as datasets
+import rundir
 import train
 from backbones import ARCHS
 from models import build_deployable
@@ -67,6 +69,16 @@ class CheckFailed(Exception):
 
 class TimeCap(BaseException):
     """The part's time ran out (a BaseException, so that no `except Exception` holds it up)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the bench stops as on Ctrl-C (its child processes killed, the finished parts
+    reported), with exit code 143."""
+    exit_code = rundir.EXIT_TERMINATED
+
+
+def terminate(number, frame):
+    raise Terminated()
 
 
 def check(condition: bool, message: str) -> None:
@@ -296,6 +308,8 @@ def epoch_through_train(settings, work_dir: str, precision: str, values: dict) -
           mock.patch.object(train.datasets, "load_data", lambda *args, **kwargs: data),
           contextlib.redirect_stdout(log), contextlib.redirect_stderr(log)):
         code = train.main(argv)
+    if code in (rundir.EXIT_INTERRUPTED, rundir.EXIT_TERMINATED):
+        raise KeyboardInterrupt()   # a Ctrl-C or SIGTERM that train.py's own handler took
     check(code == 0, f"train.py exited with {code}: {one_line(log.getvalue()[-400:])}")
     return check_epoch(settings, out_dir, torch.stack(losses).float().cpu(), start, values)
 
@@ -721,9 +735,10 @@ def part_skip(settings, part: str, gpus: int) -> str | None:
     return None
 
 
-def run_parts(settings, work_dir: str, info: dict) -> dict:
-    """Every part in order, within its own cap and what is left of --budget-seconds."""
-    state, parts, end = {}, {}, time.perf_counter() + settings.budget_seconds
+def run_parts(settings, work_dir: str, info: dict, parts: dict) -> None:
+    """Every part in order into `parts`, within its own cap and what is left of
+    --budget-seconds."""
+    state, end = {}, time.perf_counter() + settings.budget_seconds
     items = {"correctness": correctness_items(settings, work_dir),
              "speed": speed_items(settings, state),
              "packing": packing_items(settings, work_dir),
@@ -740,7 +755,6 @@ def run_parts(settings, work_dir: str, info: dict) -> dict:
             parts[part]["verdict"] = packing_verdict(parts[part]["items"])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()   # the child processes of the next parts get the memory
-    return parts
 
 
 def item_text(item: dict) -> str:
@@ -771,6 +785,8 @@ def render(report: dict) -> str:
                          f"{verdict['fewest_runs']})")
     counts = {s: sum(i["status"] == s for p in report["parts"].values() for i in p["items"])
               for s in ("passed", "failed", "skipped")}
+    if report["interrupted"]:
+        lines.append("INTERRUPTED (Ctrl-C or SIGTERM): the parts not listed above did not finish")
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {counts['passed']} passed, "
                  f"{counts['failed']} failed, {counts['skipped']} skipped in "
                  f"{report['seconds']:.0f} s; the report is in {report['json']}")
@@ -783,18 +799,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = device.type == "cuda"   # as train.train
     report = {"command": " ".join(["python bench_cuda.py", *(argv or sys.argv[1:])]),
               "started": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine(device), "settings": vars(settings)}
-    with contextlib.ExitStack() as stack:
-        work_dir = settings.work_dir or stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="bench_cuda_"))
-        os.makedirs(work_dir, exist_ok=True)
-        report["parts"] = run_parts(settings, work_dir, report["machine"])
-    report.update(passed=all(p["status"] != "failed" for p in report["parts"].values()),
-                  seconds=time.perf_counter() - start, json=settings.json)
+              "machine": machine(device), "settings": vars(settings), "parts": {},
+              "interrupted": False}
+    previous, code = signal.signal(signal.SIGTERM, terminate), None
+    try:
+        with contextlib.ExitStack() as stack:
+            work_dir = settings.work_dir or stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="bench_cuda_"))
+            os.makedirs(work_dir, exist_ok=True)
+            run_parts(settings, work_dir, report["machine"], report["parts"])
+    except KeyboardInterrupt as stop:   # the finished parts are reported all the same
+        report["interrupted"], code = True, getattr(stop, "exit_code", rundir.EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = any(p["status"] == "failed" for p in report["parts"].values())
+    report.update(passed=not (failed or report["interrupted"]), json=settings.json,
+                  seconds=time.perf_counter() - start)
     with open(settings.json, "w") as f:
         json.dump(report, f, indent=2)
     print(render(report))
-    return 0 if report["passed"] else 1
+    return code or (0 if report["passed"] else 1)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,28 @@ def test_a_part_whose_time_is_used_up_reports_each_item_skipped(tmp_path):
         "the part's time cap of 0 s was used up", "--no-compile"}
 
 
+def ctrl_c(*args):
+    raise KeyboardInterrupt
+
+
+def sigterm(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+
+
+@pytest.mark.parametrize("stop,code", [(ctrl_c, 130), (sigterm, 143)])
+def test_ctrl_c_or_sigterm_reports_the_finished_parts_and_exits_with_its_code(
+        tmp_path, monkeypatch, capsys, stop, code):
+    monkeypatch.setattr(bench_cuda, "packed_runs", stop)   # in the packing part's first item
+    handler = signal.getsignal(signal.SIGTERM)
+    assert run(tmp_path, "--parts", "packing")[0] == code
+    assert signal.getsignal(signal.SIGTERM) is handler
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["interrupted"] is True and report["passed"] is False
+    assert list(report["parts"]) == ["correctness", "speed"]   # the finished parts (skipped)
+    assert "INTERRUPTED" in capsys.readouterr().out
+
+
 def test_the_time_cap_stops_an_item_and_skips_the_later_ones():
     def slow(values):
         values["started"] = True
