@@ -392,7 +392,7 @@ def step_speed(settings, precision: str, compiled: bool, values: dict) -> str:
             f"{values['table1_gpu_days']:.1f} GPU-days")
 
 
-def reference_loader(settings, state: dict):
+def shared_reference_loader(settings, state: dict):
     """bench_data's reference loader, made once for both items that use it."""
     if "loader" not in state:
         data = synthetic(settings.train_images, settings.test_images, settings.device)
@@ -407,7 +407,7 @@ def reference_speed(settings, state: dict, values: dict) -> str:
     options = argparse.Namespace(arch=settings.arch, batch_size=settings.batch_size,
                                  steps=settings.steps)
     data = synthetic(settings.train_images, settings.test_images, settings.device)
-    seconds = bench_train.time_reference(options, data, reference_loader(settings, state),
+    seconds = bench_train.time_reference(options, data, shared_reference_loader(settings, state),
                                          torch.device(settings.device))
     values.update(projections(seconds, settings.batch_size))
     return (f"{values['images_per_s']:,.0f} images/s ({values['ms_per_step']:.1f} ms/step; "
@@ -422,7 +422,7 @@ def pipeline_speed(settings, state: dict, ours: bool, values: dict) -> str:
         generator = torch.Generator(device=device).manual_seed(0)
         epochs = functools.partial(datasets.train_batches, data, settings.batch_size, 3, generator)
     else:
-        loader = reference_loader(settings, state)
+        loader = shared_reference_loader(settings, state)
         epochs = functools.partial(iter, loader)
     values["views_per_s"] = bench_data.images_per_second(epochs, settings.data_seconds, device)
     return f"{values['views_per_s']:,.0f} augmented views/s"
@@ -442,7 +442,7 @@ def speed_items(settings, state: dict) -> list:
 
 
 def add_ratios(items: list, batch_size: int) -> None:
-    """Each step's speed against the reference recipe's, ours' data pipeline against the
+    """Each step's speed against the reference recipe's, our data pipeline against the
     reference's, and the data pipeline's share of a bf16 step (views it needs / views per s)."""
     done = {item["name"]: item["values"] for item in items if item["status"] == "passed"}
     reference = done.get("straightforward recipe (reference), fp32")
@@ -533,9 +533,9 @@ def packing_items(settings, work_dir: str) -> list:
             for runs in settings.packing_runs]
 
 
-def packing_verdict(items: list) -> dict:
+def packing_verdict(items: list, batch_size: int) -> dict:
     """How many runs per GPU pay: starting from the fewest, a count that adds at least 10% to
-    the best throughput so far; with it, Table 1's GPU-days divided by its gain."""
+    the best throughput so far; and Table 1's GPU-days at that count's throughput."""
     done = [item["values"] for item in items if item["status"] == "passed"]
     if not done:
         return {}
@@ -543,9 +543,10 @@ def packing_verdict(items: list) -> dict:
     for values in done[1:]:
         if values["images_per_s"] >= PAY * best["images_per_s"]:
             best = values
+    table1 = projections(batch_size / best["images_per_s"], batch_size)["table1_gpu_days"]
     return {"runs_per_gpu_that_pay": best["runs"],
             "gain_over_fewest": best["images_per_s"] / done[0]["images_per_s"],
-            "fewest_runs": done[0]["runs"]}
+            "fewest_runs": done[0]["runs"], "table1_gpu_days": table1}
 
 
 # ----------------------------------------------------------------------------- multi-GPU
@@ -605,7 +606,8 @@ def rank_pid(tag: str, rank: int) -> int | None:
 
 def sigterm_to_one_rank(settings, work_dir: str, values: dict) -> str:
     """torchrun, 2 ranks, 3 epochs; once epoch 1 is saved, SIGTERM to rank 1 alone: every rank
-    stops at one step (rank 0 says so, and both end with 143) with the finished epochs saved."""
+    stops at one step with the finished epochs saved: rank 0, which no signal reached, says so,
+    and torchrun's report gives exit code 143."""
     out_dir = os.path.join(work_dir, "sigterm")
     env = {**os.environ, "BENCH_CUDA_RUN": out_dir}
     with started(run_command(settings, out_dir, 3, 2), out_dir + ".log", env) as process:
@@ -752,7 +754,7 @@ def run_parts(settings, work_dir: str, info: dict, parts: dict) -> None:
             add_ratios(parts[part]["items"], settings.batch_size)
             state.clear()   # the reference loader's worker processes end here
         if part == "packing":
-            parts[part]["verdict"] = packing_verdict(parts[part]["items"])
+            parts[part]["verdict"] = packing_verdict(parts[part]["items"], settings.batch_size)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()   # the child processes of the next parts get the memory
 
@@ -782,7 +784,8 @@ def render(report: dict) -> str:
         if verdict:
             lines.append(f"  runs per GPU that pay: {verdict['runs_per_gpu_that_pay']} "
                          f"({verdict['gain_over_fewest']:.2f}x the throughput of "
-                         f"{verdict['fewest_runs']})")
+                         f"{verdict['fewest_runs']}; Table 1 in {verdict['table1_gpu_days']:.1f} "
+                         f"GPU-days)")
     counts = {s: sum(i["status"] == s for p in report["parts"].values() for i in p["items"])
               for s in ("passed", "failed", "skipped")}
     if report["interrupted"]:

@@ -101,8 +101,10 @@ def test_the_figures_follow_from_the_measurements(tiny):
     # The stand-in runs: 32 images in 2 s each, all at once: 16 and 32 images/s together.
     packing = report["parts"]["packing"]
     assert [item["values"]["images_per_s"] for item in packing["items"]] == [16.0, 32.0]
+    # 2 runs pay; at their 32 images/s, a step of 16 images takes 0.5 s.
     assert packing["verdict"] == {"runs_per_gpu_that_pay": 2, "gain_over_fewest": 2.0,
-                                  "fewest_runs": 1}
+                                  "fewest_runs": 1,
+                                  "table1_gpu_days": pytest.approx(270 * 300 * 390 * 0.5 / 86400)}
     # The CPU against itself: the same arithmetic, no error at all.
     step = report["parts"]["correctness"]["items"][0]["values"]
     assert step["loss_error"] == step["worst_gradients_error"] == step["worst_step_error"] == 0
