@@ -665,7 +665,8 @@ def build_parser() -> cli.Parser:
                    description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-      help="the device checked and timed: cuda, cuda:N, or cpu (the tests' tiny run)")
+      help="the device checked and timed: cuda, cuda:N, or cpu (the tests' tiny run); default: "
+           "cuda when present, else cpu")
     a("--json", default="bench_cuda.json", help="where the report is written as JSON")
     a("--work-dir", help="keep the runs' directories and logs here (default: a temporary "
                          "directory, removed at the end)")
