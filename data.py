@@ -432,7 +432,7 @@ def _load_synthetic(name: str, data_dir: str, seed: int) -> ImageData:
 def synthetic_data(train_size: int, test_size: int, seed: int,
                    device: torch.device | str = "cpu") -> ImageData:
     """The synthetic set (`make_synthetic`) with `train_size` training and `test_size` test images,
-    on `device`; `--dataset synthetic` is (5000, 1000), bench_cuda.py makes a CIFAR-sized one."""
+    on `device`; `--dataset synthetic` is (5000, 1000), and (50000, 10000) has CIFAR's sizes."""
     images, labels = make_synthetic(train_size + test_size, seed)
     mean, std = _channel_stats(images[:train_size])
     data = ImageData("synthetic", images[:train_size], labels[:train_size], images[train_size:],
