@@ -42,6 +42,16 @@ class ReferenceViews(Dataset):
         return torch.stack(views), self.labels[index]  # (M, 3, H, W), label
 
 
+def reference_loader(dataset: data.ImageData, num_views: int, batch_size: int, workers: int,
+                     device: torch.device) -> DataLoader:
+    """The reference recipe's loader: `ReferenceViews` in a shuffled DataLoader (drop_last) with
+    `workers` worker processes, batches in pinned memory on CUDA (shared with bench_train.py and
+    bench_cuda.py)."""
+    return DataLoader(ReferenceViews(dataset, num_views), batch_size=batch_size, shuffle=True,
+                      drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=device.type == "cuda")
+
+
 def images_per_second(epochs, seconds: float, device: torch.device) -> float:
     """Augmented images (views) per second over `seconds`, after one warm-up batch."""
     count, start = 0, None
@@ -90,9 +100,7 @@ def main():
     generator = torch.Generator(device=device).manual_seed(0)
     ours = images_per_second(lambda: data.train_batches(dataset, args.batch_size, args.views, generator),
                              args.seconds, device)
-    loader = DataLoader(ReferenceViews(dataset, args.views), batch_size=args.batch_size, shuffle=True,
-                        drop_last=True, num_workers=args.workers, persistent_workers=args.workers > 0,
-                        pin_memory=device.type == "cuda")
+    loader = reference_loader(dataset, args.views, args.batch_size, args.workers, device)
     reference = images_per_second(lambda: loader, args.seconds, device)
 
     height, width = dataset.image_shape[1:]

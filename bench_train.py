@@ -19,14 +19,14 @@ Prints every rate and its ratio to the reference (targets: >= 2x on the 2-core C
 import argparse
 import contextlib
 import copy
+import itertools
 
 import torch
-from torch.utils.data import DataLoader
 
 import cli
 import data
 import train
-from bench_data import ReferenceViews, now
+from bench_data import now, reference_loader
 from losses import distillation_objective
 from methods import DKEL
 from models import ViewBatchNorm2d, multi_peer_net
@@ -34,27 +34,47 @@ from models import ViewBatchNorm2d, multi_peer_net
 WEIGHTS = {"rampup": 0.5, "ensemble_weight": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
 
 
-def time_ours(args, dataset, device, precision: str, per_view_bn: bool = True) -> float:
-    """Seconds per step of train.py's step in `precision` (after the warm-up steps); with
-    `per_view_bn` False the trunks' BatchNorm normalises all M*B stacked images together."""
-    method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device, temperature=3.0,
-                  kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01)
+def dkel_step(args, dataset, device, precision: str, per_view_bn: bool = True):
+    """train.py's DKEL step in `precision` on batches of `dataset`, as a function of no argument
+    that runs one step; with `per_view_bn` False the trunks' BatchNorm normalises all M*B stacked
+    images together. Shared with bench_cuda.py."""
+    method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device,
+                  temperature=3.0, kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01)
     train.fast_forward(method, args.compile)  # NHWC, --compile: as train.py runs it
     for module in [*method.student.modules(), *method.teacher.network.modules()]:
         if isinstance(module, ViewBatchNorm2d) and not per_view_bn:
-            module.__class__ = torch.nn.BatchNorm2d  # the same parameters and buffers, one statistic
+            # The same parameters and buffers, one statistic.
+            module.__class__ = torch.nn.BatchNorm2d
     optimizer = train.sgd(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     method.set_mode(True)
     generator = torch.Generator(device=device).manual_seed(0)
-    batches = data.train_batches(dataset, args.batch_size, 3, generator)
-    warmup = 4 if args.compile else 2  # compilation happens in the first steps
-    for step in range(args.steps + warmup):
-        if step == warmup:
-            start = now(device)
+    epochs = (data.train_batches(dataset, args.batch_size, 3, generator) for _ in itertools.count())
+    batches = itertools.chain.from_iterable(epochs)   # epoch after epoch, as many steps as asked
+    counter = itertools.count()
+
+    def step() -> None:
         views, labels = next(batches)
         train.student_step(method, optimizer, views, labels, WEIGHTS, precision)
-        method.after_step(step)
-    return (now(device) - start) / args.steps
+        method.after_step(next(counter))
+
+    return step
+
+
+def seconds_per_step(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of `step` over `steps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    start = now(device)
+    for _ in range(steps):
+        step()
+    return (now(device) - start) / steps
+
+
+def time_ours(args, dataset, device, precision: str, per_view_bn: bool = True) -> float:
+    """Seconds per step of train.py's step in `precision` (after the warm-up steps; `dkel_step`)."""
+    step = dkel_step(args, dataset, device, precision, per_view_bn)
+    warmup = 4 if args.compile else 2  # compilation happens in the first steps
+    return seconds_per_step(step, args.steps, warmup, device)
 
 
 def time_reference(args, dataset, loader, device) -> float:
@@ -106,11 +126,10 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device on this machine; use --device cpu")
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.train: kernels chosen once
     torch.manual_seed(0)
     dataset = data.load_data("synthetic", "unused", device)
-    loader = DataLoader(ReferenceViews(dataset, 3), batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        num_workers=args.workers, persistent_workers=args.workers > 0,
-                        pin_memory=device.type == "cuda")
+    loader = reference_loader(dataset, 3, args.batch_size, args.workers, device)
     times = {"reference (fp32)": [], "ours fp32": [], "ours bf16": [], "bf16, stacked BN": []}
     for _ in range(args.rounds):
         times["reference (fp32)"].append(time_reference(args, dataset, loader, device))

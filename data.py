@@ -426,10 +426,18 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 def _load_synthetic(name: str, data_dir: str, seed: int) -> ImageData:
     """A CIFAR-shaped toy set for smoke runs and tests only (not a benchmark of anything)."""
-    images, labels = make_synthetic(6000, seed)
-    mean, std = _channel_stats(images[:5000])
-    return ImageData(name, images[:5000], labels[:5000], images[5000:], labels[5000:],
-                     mean, std, 10)
+    return synthetic_data(5000, 1000, seed)
+
+
+def synthetic_data(train_size: int, test_size: int, seed: int,
+                   device: torch.device | str = "cpu") -> ImageData:
+    """The synthetic set (`make_synthetic`) with `train_size` training and `test_size` test images,
+    on `device`; `--dataset synthetic` is (5000, 1000), and (50000, 10000) has CIFAR's sizes."""
+    images, labels = make_synthetic(train_size + test_size, seed)
+    mean, std = _channel_stats(images[:train_size])
+    data = ImageData("synthetic", images[:train_size], labels[:train_size], images[train_size:],
+                     labels[train_size:], mean, std, 10)
+    return _place(data, torch.device(device))
 
 
 def make_synthetic(count: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ processes ("ranks"; N is the world size) train one run together:
 """
 import contextlib
 import os
+import sys
 from dataclasses import replace
 
 import torch
@@ -93,8 +94,9 @@ def session(args):
 
 def join(args, rank: int, stack: contextlib.ExitStack) -> None:
     """Check the flags that depend on N, and join torchrun's process group: NCCL on CUDA (each rank
-    on the GPU of its LOCAL_RANK), gloo on the CPU. The other ranks' output is silenced (rank 0
-    prints the epoch lines, the progress bar and the summary); their crashes still show."""
+    on the GPU of its LOCAL_RANK, refused in one line by a rank without one), gloo on the CPU. The
+    other ranks' output is silenced (rank 0 prints the epoch lines, the progress bar and the
+    summary); their crashes still show."""
     cuda = args.device.startswith("cuda")
     if args.batch_size % args.world_size:
         raise RunStopped(f"--batch-size {args.batch_size} is the global batch and must be "
@@ -104,7 +106,13 @@ def join(args, rank: int, stack: contextlib.ExitStack) -> None:
         raise RunStopped("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)",
                          EXIT_BAD_INPUT)
     if cuda:
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:  # never rank 0, which leaves the messages to the others: say it here
+            print(f"error: this torchrun run starts more processes on this machine than the {gpus} "
+                  f"visible GPU(s) (LOCAL_RANK {local_rank}); give --nproc_per_node {gpus} or "
+                  f"fewer, one process per GPU", file=sys.stderr)
+            raise SystemExit(EXIT_BAD_INPUT)
+        args.device = f"cuda:{local_rank}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if cuda else "gloo")
     stack.callback(dist.destroy_process_group)

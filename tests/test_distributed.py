@@ -2,6 +2,7 @@
 the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, a SIGTERM
 to one rank, an evaluation split smaller than the world, --sync-bn's per-view BatchNorm, the
 run-directory lock, the world size and the flags that depend on it."""
+import contextlib
 import copy
 import csv
 import json
@@ -316,3 +317,21 @@ def test_flags_that_depend_on_the_world_size(tmp_path, capsys, monkeypatch, flag
     monkeypatch.setenv("WORLD_SIZE", "3" if "--batch-size" in flags else "2")
     assert train.main([*FLAGS, "--out-dir", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_rank_without_a_gpu_of_its_own_says_so_in_one_line_before_touching_cuda(
+        monkeypatch, capsys):
+    # torchrun --nproc_per_node 2 on a machine that shows one GPU: rank 1 has no GPU of its own.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    touched = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: touched.append(device))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: touched.append(backend))
+    args = SimpleNamespace(device="cuda", batch_size=8, world_size=2, sync_bn=False)
+    with pytest.raises(SystemExit) as stop:
+        distributed.join(args, 1, contextlib.ExitStack())
+    assert stop.value.code == 2 and touched == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert ("more processes on this machine than the 1 visible GPU(s) (LOCAL_RANK 1); give "
+            "--nproc_per_node 1 or fewer" in err)
