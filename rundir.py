@@ -25,6 +25,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from data import outermost_missing, remove_empty_folders
+
 # Process exit codes of train.py (README, "Nothing lost, nothing silent").
 # A bad flag, size, path, data set or run directory: nothing was trained.
 EXIT_BAD_INPUT = 2
@@ -185,16 +187,16 @@ def hold_run_dir(out_dir: str, resume: bool):
     system releases when its process ends, however it ends: the file left by a killed run blocks
     nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all. A new
     directory that a refusal (exit 2) leaves holding nothing but its lock is removed again, by the
-    process that holds the lock only: one refused because another process holds it removes
-    nothing."""
-    created = not os.path.isdir(out_dir)
+    process that holds the lock only, with the parent folders made for it: one refused because
+    another process holds it removes nothing."""
+    created = outermost_missing(out_dir)
     prepare(out_dir, resume)
     with _locked(out_dir, resume, created):
         yield
 
 
 @contextlib.contextmanager
-def _locked(out_dir: str, resume: bool, created: bool):
+def _locked(out_dir: str, resume: bool, created: str | None):
     with open(os.path.join(out_dir, ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -211,7 +213,7 @@ def _locked(out_dir: str, resume: bool, created: bool):
             if created and stop.exit_code == EXIT_BAD_INPUT and os.listdir(out_dir) == [".lock"]:
                 with contextlib.suppress(OSError):  # still held: no other process trains in it
                     os.remove(lock.name)
-                    os.rmdir(out_dir)
+                    remove_empty_folders(out_dir, created)
             raise
 
 
