@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from deploy import write_program
 from rundir import atomic_save, atomic_write, write_json, writes_files
 
 
@@ -36,14 +37,17 @@ def export_deployable(out_dir: str, state: dict) -> None:
 
 
 def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
-    """summary.json and deployable.pt; the data set (with its normalisation) and the image size are
-    recorded for offline KD, which refuses a teacher made on another data set or for another size.
+    """summary.json, deployable.pt and deployable.pt2 (deploy.py); the data set (with its
+    normalisation) and the image size are recorded for offline KD, which refuses a teacher made on
+    another data set or for another size.
 
     The deployed model is chosen without looking at the test split: with --val-size, the output
-    and epoch of the best validation accuracy, reported with its test accuracy; without, no
-    selection at all: peer 0 at the final epoch. Beside it: the final-epoch mean over the deployed
-    outputs (docs/spec.md Sec. 4) and the paper's convention, the best deployed output at its best
-    epoch, which is selected on the test split and labelled so."""
+    and epoch of the best validation accuracy, reported with its test accuracy, from the last
+    checkpoint (`keep_if_best`); without, no selection at all: peer 0 at the final epoch. Beside
+    it: the final-epoch mean over the deployed outputs (docs/spec.md Sec. 4) and the paper's
+    convention, the best deployed output at its best epoch, which is selected on the test split and
+    labelled so. summary.json is written last: a run stopped between the files has none, and
+    --resume writes all three again from its checkpoint."""
     history, keys = state["history"], method.deployed_keys()
     final = history[-1]
     evaluated = [row for row in history if "acc_deployed_mean" in row]
@@ -54,14 +58,23 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
         test_value = next(row for row in history if row["epoch"] == epoch)[f"acc_{key}"]
         selection = {"on": "validation split", "output": key, "epoch": epoch, "val_acc": val_value,
                      "test_acc": test_value}
-        export_deployable(args.out_dir, state)  # the same choice, from the last checkpoint
+        weights = state["deployable"]["weights"]  # the same choice, from the last checkpoint
     else:
         key = keys[0]
-        atomic_save(method.deployable(key).state_dict(),
-                    os.path.join(args.out_dir, "deployable.pt"))
+        weights = method.deployable(key).state_dict()
         selection = {"on": "none: no selection was made (--val-size 0), the deployed model is the "
                            "first deployed output at the final epoch",
                      "output": key, "epoch": final["epoch"], "test_acc": final[f"acc_{key}"]}
+    atomic_save(weights, os.path.join(args.out_dir, "deployable.pt"))
+    deployable = {"file": "deployable.pt", "output": key, "epoch": selection["epoch"],
+                  "arch": args.arch, "num_classes": data.num_classes,
+                  "image_size": data.image_shape[-1], "dataset": data.name,
+                  "mean": list(data.mean), "std": list(data.std),
+                  "load": "models.build_deployable(arch, num_classes); "
+                          "inputs normalised by mean, std"}
+    classes = list(data.classes) or [str(label) for label in range(data.num_classes)]
+    deployable["program"] = write_program(args.out_dir, weights, deployable, args.precision,
+                                          classes)
     summary = {
         "method": args.method, "dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
         "final": {k: v for k, v in final.items() if k.startswith("acc_")},
@@ -70,12 +83,7 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
         "selection": selection,
         "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch,
                                                   "output": best_key, "selected_on": "test split"},
-        "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"],
-                       "arch": args.arch, "num_classes": data.num_classes,
-                       "image_size": data.image_shape[-1], "dataset": data.name,
-                       "mean": list(data.mean), "std": list(data.std),
-                       "load": "models.build_deployable(arch, num_classes); "
-                               "inputs normalised by mean, std"},
+        "deployable": deployable,
         "train_seconds": sum(row["epoch_seconds"] for row in history),
     }
     write_json(summary, os.path.join(args.out_dir, "summary.json"))
