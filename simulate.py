@@ -22,6 +22,15 @@ the initialisation of Sec. 3.3 (copy, then `init_iters` cross-entropy steps, i.e
 DKEL adds the decaying teacher ensemble of Eq. (9)-(12). One epoch is one simultaneous step of
 every student peer followed by one EMA step of every teacher peer (docs/spec.md Sec. 7).
 """
+import sys
+
+# Before any other import: this code needs Python 3.10 (`X | None` annotations, evaluated when the
+# modules load); an older Python gets this line, not a traceback.
+if sys.version_info < (3, 10):
+    sys.stderr.write("error: simulate.py needs Python 3.10 or newer, this is Python %d.%d; run it "
+                     "with a newer python (README, Quick start)\n" % sys.version_info[:2])
+    sys.exit(2)
+
 import argparse
 import csv
 import math
