@@ -62,8 +62,8 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
     else:
         key = keys[0]
         weights = method.deployable(key).state_dict()
-        selection = {"on": "none: no selection was made (--val-size 0), the deployed model is the "
-                           "first deployed output at the final epoch",
+        # No selection: the first deployed output at the final epoch.
+        selection = {"on": "none (--val-size 0)",
                      "output": key, "epoch": final["epoch"], "test_acc": final[f"acc_{key}"]}
     atomic_save(weights, os.path.join(args.out_dir, "deployable.pt"))
     deployable = {"file": "deployable.pt", "output": key, "epoch": selection["epoch"],
@@ -105,13 +105,13 @@ def summary_table(summary: dict) -> str:
     lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}"
               for k, v in summary["final"].items()]
     best, chosen = summary["paper_convention_best_peer_best_epoch"], summary["selection"]
-    lines.append(f"deployed model, one network ({chosen['output']}, epoch {chosen['epoch']}; "
-                 f"selected on: {chosen['on']}): test {chosen['test_acc']:.2f}%")
+    lines.append(f"deployed model, one network: {chosen['output']} at epoch {chosen['epoch']} "
+                 f"(selected on: {chosen['on']}): test {chosen['test_acc']:.2f}%")
     if chosen["on"] == "validation split":
-        lines.append(f"headline (the deployed model above): {headline(summary):.2f}%")
+        lines.append(f"headline (the deployed model): {headline(summary):.2f}%")
     else:
-        lines.append(f"headline (deployed_mean, final epoch: the mean over the outputs that could "
-                     f"be deployed, pcl/dk/dkel's teacher peers): {headline(summary):.2f}%")
+        lines.append(f"headline (deployed_mean at the final epoch; pcl/dk/dkel: the teacher peers' "
+                     f"mean): {headline(summary):.2f}%")
     lines.append(f"paper's convention (best deployed output at its best epoch, selected on the "
                  f"test split): {best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
     return "\n".join(lines)
