@@ -16,6 +16,7 @@ The class names, the data set and the precision travel inside the file (`DESCRIP
     logits = model(images)        # images: uint8 (N, 3, H, W)
 """
 import contextlib
+import io
 import json
 import os
 import sys
@@ -57,9 +58,20 @@ def export(weights: dict, deployed: dict, precision: str) -> torch.export.Export
     network.load_state_dict(weights)
     model = UInt8Classifier(network, deployed["mean"], deployed["std"], precision == "bf16").eval()
     size = deployed["image_size"]
-    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)  # 2: a size export keeps dynamic
+    # Two images: torch.export specialises a dimension of size 0 or 1 to a constant.
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     return torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}})
+
+
+def description(deployed: dict, precision: str, classes: list[str]) -> dict:
+    """What travels inside the program (`DESCRIPTION`): the class names by label, the data set,
+    the deployed output and epoch, the precision and what goes in and out."""
+    return {"classes": classes, "dataset": deployed["dataset"], "arch": deployed["arch"],
+            "output": deployed["output"], "epoch": deployed["epoch"],
+            "image_size": deployed["image_size"], "precision": precision,
+            "input": "uint8 images (N, 3, H, W), RGB 0-255, normalised inside",
+            "returns": "logits (N, C), fp32"}
 
 
 def write_program(out_dir: str, weights: dict, deployed: dict, precision: str,
@@ -71,8 +83,10 @@ def write_program(out_dir: str, weights: dict, deployed: dict, precision: str,
     if not writes_files():
         return None
     path = os.path.join(out_dir, PROGRAM)
+    archive, described = io.BytesIO(), description(deployed, precision, classes)
     try:
         program = export(weights, deployed, precision)
+        torch.export.save(program, archive, extra_files={DESCRIPTION: json.dumps(described)})
     except Exception as error:  # torch.export's limits are the architecture's, never the run's
         reason = " ".join(str(error).split())[:200]
         print(f"warning: {PROGRAM} not written: torch.export cannot export {deployed['arch']} "
@@ -81,11 +95,6 @@ def write_program(out_dir: str, weights: dict, deployed: dict, precision: str,
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
         return None
-    description = {"classes": classes, "dataset": deployed["dataset"], "arch": deployed["arch"],
-                   "output": deployed["output"], "epoch": deployed["epoch"],
-                   "image_size": deployed["image_size"], "precision": precision,
-                   "input": "uint8 images (N, 3, H, W), RGB 0-255, normalised inside",
-                   "returns": "logits (N, C), fp32"}
-    with atomic_write(path, binary=True) as f:
-        torch.export.save(program, f, extra_files={DESCRIPTION: json.dumps(description)})
+    with atomic_write(path, binary=True) as f:  # a failing disk stops the run as for every file
+        f.write(archive.getvalue())
     return PROGRAM

@@ -1,6 +1,6 @@
 """The run directory of train.py and how it is kept: config.json, metrics.csv, checkpoint.pt
-(and, written through here by report.py, curves.png, deployable.pt and summary.json); the lock,
-the stop signals and the process exit codes.
+(and, written through here by report.py and deploy.py, curves.png, deployable.pt, deployable.pt2
+and summary.json); the lock, the stop signals and the process exit codes.
 
 Every file is written to a temporary name beside its final one, synced to the disk and renamed,
 so a run killed at any moment, or a machine that loses power, leaves the previous version whole.
