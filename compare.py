@@ -10,6 +10,15 @@ every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list`
 This file is what the paper's tables and figures are and how they are drawn; the grid of runs
 and their training (the runs made otherwise, `--retrain-mismatched`, `--gpus`, stop signals) are
 sweep.py's."""
+import sys
+
+# Before any other import: this code needs Python 3.10 (`X | None` annotations, evaluated when the
+# modules load); an older Python gets this line, not a traceback.
+if sys.version_info < (3, 10):
+    sys.stderr.write("error: compare.py needs Python 3.10 or newer, this is Python %d.%d; run it "
+                     "with a newer python (README, Quick start)\n" % sys.version_info[:2])
+    sys.exit(2)
+
 import argparse
 import contextlib
 import csv
@@ -18,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import sys
 from typing import NamedTuple
 
 import report

@@ -62,6 +62,8 @@ class ImageData:
     # (N_val, 3, H, W) uint8 held out of training (--val-size)
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None  # (N_val,) int64
+    # The name of each class, by label (the exported deployed model records them: deploy.py).
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.device is None:
@@ -245,6 +247,7 @@ def _load_cifar(name: str, data_dir: str, seed: int) -> ImageData:
     """CIFAR-10/100 through torchvision (downloaded and md5-checked on first use)."""
     dataset_class = (torchvision.datasets.CIFAR10 if name == "cifar10"
                      else torchvision.datasets.CIFAR100)
+    created = outermost_missing(data_dir)
     try:
         # A download's folder (an existing read-only one is fine).
         os.makedirs(data_dir, exist_ok=True)
@@ -254,6 +257,7 @@ def _load_cifar(name: str, data_dir: str, seed: int) -> ImageData:
         train, test = (dataset_class(root=data_dir, train=flag, download=True)
                        for flag in (True, False))
     except (OSError, RuntimeError, EOFError, tarfile.TarError, pickle.UnpicklingError) as error:
+        remove_empty_folders(data_dir, created)  # a refused --data-dir leaves nothing behind
         raise DataError(_cifar_error(dataset_class, data_dir, error)) from error
     mean, std = NORMALISATION[name]
 
@@ -261,7 +265,30 @@ def _load_cifar(name: str, data_dir: str, seed: int) -> ImageData:
         return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
 
     return ImageData(name, images(train), torch.tensor(train.targets), images(test),
-                     torch.tensor(test.targets), mean, std, len(train.classes))
+                     torch.tensor(test.targets), mean, std, len(train.classes),
+                     classes=tuple(train.classes))
+
+
+def outermost_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet; None when `path` exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def remove_empty_folders(path: str, created: str | None) -> None:
+    """Remove `path` and its parents up to `created` (outermost_missing before they were made),
+    each only while it is empty: a refusal leaves behind no folder it made for nothing."""
+    path = os.path.abspath(path)
+    while created is not None:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (a partial download stays for the next run), or gone
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
 
 
 def _cifar_error(dataset_class, data_dir: str, error: Exception) -> str:
@@ -311,7 +338,7 @@ def _load_tinyimagenet(name: str, data_dir: str, seed: int) -> ImageData:
     arrays = _decode_cached(os.path.join(root, "cache_uint8.pt"), train, test)
     mean, std = NORMALISATION[name]
     return ImageData(name, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
-                     arrays["test_labels"], mean, std, len(wnids))
+                     arrays["test_labels"], mean, std, len(wnids), classes=tuple(wnids))
 
 
 def _tinyimagenet_root(data_dir: str) -> str:
@@ -358,7 +385,7 @@ def _load_imagefolder(name: str, data_dir: str, seed: int) -> ImageData:
     arrays = _decode_cached(os.path.join(data_dir, "imagefolder_cache_uint8.pt"), train, test)
     return ImageData(name, arrays["train_images"], arrays["train_labels"],
                      arrays["test_images"], arrays["test_labels"], tuple(arrays["mean"]),
-                     tuple(arrays["std"]), len(classes))
+                     tuple(arrays["std"]), len(classes), classes=tuple(classes))
 
 
 def _decode_cached(cache: str, train: list, test: list) -> dict:
@@ -436,8 +463,14 @@ def synthetic_data(train_size: int, test_size: int, seed: int,
     images, labels = make_synthetic(train_size + test_size, seed)
     mean, std = _channel_stats(images[:train_size])
     data = ImageData("synthetic", images[:train_size], labels[:train_size], images[train_size:],
-                     labels[train_size:], mean, std, 10)
+                     labels[train_size:], mean, std, 10, classes=SYNTHETIC_CLASSES)
     return _place(data, torch.device(device))
+
+
+# make_synthetic's class c: pattern c % 5 in palette c // 5 (foreground on background).
+SYNTHETIC_CLASSES = tuple(f"{pattern}, {palette}" for palette in ("orange on navy", "teal on plum")
+                          for pattern in ("vertical stripes", "horizontal stripes", "checkerboard",
+                                          "rings", "blob"))
 
 
 def make_synthetic(count: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from deploy import write_program
 from ema import EMATeacher
 from rundir import atomic_save, atomic_write, write_json, writes_files
 
@@ -29,7 +30,12 @@ def keep_if_best(method, row: dict, state: dict) -> None:
     _, epoch, key = validation_choice(state["history"] + [row], method.deployed_keys())
     if epoch == row["epoch"]:
         state["deployable"] = {"output": key, "epoch": epoch,
-                               "weights": method.deployable(key).state_dict()}
+                               "weights": cpu_state(method.deployable(key))}
+
+
+def cpu_state(module) -> dict:
+    """A state dict on the CPU, so that deployable.pt loads on a machine without a GPU."""
+    return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
 
 
 def export_deployable(out_dir: str, state: dict) -> None:
@@ -39,14 +45,17 @@ def export_deployable(out_dir: str, state: dict) -> None:
 
 
 def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
-    """summary.json and deployable.pt; the data set (with its normalisation) and the image size are
-    recorded for offline KD, which refuses a teacher made on another data set or for another size.
+    """summary.json, deployable.pt and deployable.pt2 (deploy.py); the data set (with its
+    normalisation) and the image size are recorded for offline KD, which refuses a teacher made on
+    another data set or for another size.
 
     The deployed model is chosen without looking at the test split: with --val-size, the output
-    and epoch of the best validation accuracy, reported with its test accuracy; without, no
-    selection at all: peer 0 at the final epoch. Beside it: the final-epoch mean over the deployed
-    outputs (docs/spec.md Sec. 4) and the paper's convention, the best deployed output at its best
-    epoch, which is selected on the test split and labelled so."""
+    and epoch of the best validation accuracy, reported with its test accuracy, from the last
+    checkpoint (`keep_if_best`); without, no selection at all: peer 0 at the final epoch. Beside
+    it: the final-epoch mean over the deployed outputs (docs/spec.md Sec. 4) and the paper's
+    convention, the best deployed output at its best epoch, which is selected on the test split and
+    labelled so. summary.json is written last: a run stopped between the files has none, and
+    --resume writes all three again from its checkpoint."""
     history, keys = state["history"], method.deployed_keys()
     final = history[-1]
     evaluated = [row for row in history if "acc_deployed_mean" in row]
@@ -57,14 +66,23 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
         test_value = next(row for row in history if row["epoch"] == epoch)[f"acc_{key}"]
         selection = {"on": "validation split", "output": key, "epoch": epoch, "val_acc": val_value,
                      "test_acc": test_value}
-        export_deployable(args.out_dir, state)  # the same choice, from the last checkpoint
+        weights = state["deployable"]["weights"]  # the same choice, from the last checkpoint
     else:
         key = keys[0]
-        atomic_save(method.deployable(key).state_dict(),
-                    os.path.join(args.out_dir, "deployable.pt"))
-        selection = {"on": "none: no selection was made (--val-size 0), the deployed model is the "
-                           "first deployed output at the final epoch",
+        weights = cpu_state(method.deployable(key))
+        # No selection: the first deployed output at the final epoch.
+        selection = {"on": "none (--val-size 0)",
                      "output": key, "epoch": final["epoch"], "test_acc": final[f"acc_{key}"]}
+    atomic_save(weights, os.path.join(args.out_dir, "deployable.pt"))
+    deployable = {"file": "deployable.pt", "output": key, "epoch": selection["epoch"],
+                  "arch": args.arch, "num_classes": data.num_classes,
+                  "image_size": data.image_shape[-1], "dataset": data.name,
+                  "mean": list(data.mean), "std": list(data.std),
+                  "load": "models.build_deployable(arch, num_classes); "
+                          "inputs normalised by mean, std"}
+    classes = list(data.classes) or [str(label) for label in range(data.num_classes)]
+    deployable["program"] = write_program(args.out_dir, weights, deployable, args.precision,
+                                          classes)
     summary = {
         "method": args.method, "dataset": args.dataset, "arch": args.arch, "epochs": args.epochs,
         "final": {k: v for k, v in final.items() if k.startswith("acc_")},
@@ -73,12 +91,7 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
         "selection": selection,
         "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch,
                                                   "output": best_key, "selected_on": "test split"},
-        "deployable": {"file": "deployable.pt", "output": key, "epoch": selection["epoch"],
-                       "arch": args.arch, "num_classes": data.num_classes,
-                       "image_size": data.image_shape[-1], "dataset": data.name,
-                       "mean": list(data.mean), "std": list(data.std),
-                       "load": "models.build_deployable(arch, num_classes); "
-                               "inputs normalised by mean, std"},
+        "deployable": deployable,
         "train_seconds": sum(row["epoch_seconds"] for row in history),
     }
     write_json(summary, os.path.join(args.out_dir, "summary.json"))
@@ -100,10 +113,13 @@ def summary_table(summary: dict) -> str:
     lines += [f"{k[4:]:<22} {v:>7.2f} {summary['best'][k[4:]]:>7.2f}"
               for k, v in summary["final"].items()]
     best, chosen = summary["paper_convention_best_peer_best_epoch"], summary["selection"]
-    lines.append(f"deployed model ({chosen['output']}, epoch {chosen['epoch']}; selected on: "
-                 f"{chosen['on']}): test {chosen['test_acc']:.2f}%")
-    lines.append(f"headline (deployed model, final epoch; pcl/dk/dkel: mean over teacher peers): "
-                 f"{summary['headline_final_deployed_mean']:.2f}%")
+    lines.append(f"deployed model, one network: {chosen['output']} at epoch {chosen['epoch']} "
+                 f"(selected on: {chosen['on']}): test {chosen['test_acc']:.2f}%")
+    if chosen["on"] == "validation split":
+        lines.append(f"headline (the deployed model): {headline(summary):.2f}%")
+    else:
+        lines.append(f"headline (deployed_mean at the final epoch; pcl/dk/dkel: the teacher peers' "
+                     f"mean): {headline(summary):.2f}%")
     lines.append(f"paper's convention (best deployed output at its best epoch, selected on the "
                  f"test split): {best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
     return "\n".join(lines)
@@ -111,12 +127,15 @@ def summary_table(summary: dict) -> str:
 
 def epoch_line(row: dict, epochs: int, history: list[dict], schedules: tuple[str, ...]) -> str:
     """One finished epoch for the terminal: lr, the epoch weights the method uses, the loss parts,
-    train and test accuracy, speed and the time left."""
+    train accuracy, the test accuracy of deployed_mean (the mean over the outputs that could be
+    deployed, the summary table's row of that name; the deployed model is one of them), speed and
+    the time left."""
     seconds = sum(r["epoch_seconds"] for r in history) / len(history)
     weights = "".join(f" {'r' if name == 'rampup' else name}={row[name]:.3f}" for name in schedules)
     names = ("loss", "ce", "ce_ensemble", "ce_leader", "pe", "pm", "dk", "de", "kd", "kd_leader")
     losses = " ".join(f"{k}={row[k]:.3f}" for k in names if k in row)
-    test = f" | test deployed {row['acc_deployed_mean']:.2f}%" if "acc_deployed_mean" in row else ""
+    test = (f" | test deployed_mean {row['acc_deployed_mean']:.2f}%" if "acc_deployed_mean" in row
+            else "")
     return (f"epoch {row['epoch']}/{epochs} lr={row['lr']:.4g}{weights} {losses} "
             f"train {row['train_acc']:.2f}%{test} | {row['images_per_s']:.0f} img/s, "
             f"ETA {(epochs - row['epoch']) * seconds / 60:.1f} min")
@@ -135,35 +154,55 @@ NOT_LOSSES = {"epoch", "lr", "w", "rampup", "logit_norm", "train_acc", "epoch_se
               "images_per_s"}
 
 
+# (line style, marker) of a panel's lines in turn: lines that coincide (three student peers at
+# 100%, a baseline's loss and its cross-entropy) stay apart by their style and hollow marker.
+LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "v"), ("-", "D"), ("--", "x"),
+               (":", "P"), ("-.", "*"))
+
+
+def line_style(index: int, points: int) -> dict:
+    """The `index`-th line of a panel of `points` epochs: its style, a hollow marker whose size
+    falls with the index (coinciding markers nest), on every epoch or about 15 of them."""
+    linestyle, marker = LINE_STYLES[index % len(LINE_STYLES)]
+    return {"linestyle": linestyle, "marker": marker, "fillstyle": "none",
+            "markersize": 10 - 2 * (index % 4), "markevery": max(1, points // 15)}
+
+
 def draw_curves(path: str, history: list[dict]) -> None:
-    """Four panels against the epoch: accuracies, loss parts, w(ep) and r(ep), learning rate."""
+    """Four panels against the epoch (integer ticks, a marker per epoch in short runs):
+    accuracies, loss parts, w(ep) and r(ep), and the learning rate each epoch trained with."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    epochs = [row["epoch"] for row in history]
+    epochs, points = [row["epoch"] for row in history], len(history)
     evaluated = [row for row in history if "acc_deployed_mean" in row]
-    tested = [k for k in history[-1]
-              if k == "acc_deployed_mean" or k.startswith("acc_student_peer")]
-    # Test accuracy: the deployed model bold black, the student peers thin.
-    for key in tested:
-        style = ({"color": "black", "linewidth": 2.5} if key == "acc_deployed_mean"
-                 else {"linewidth": 1.0})
+    last = evaluated[-1] if evaluated else {}  # --eval-every: the last epoch evaluated so far
+    peers = [k for k in last if k.startswith("acc_student_peer")]
+    tested = (["acc_deployed_mean"] if last else []) + peers
+    # Test accuracy: deployed_mean bold black, below the student peers' thin lines.
+    for index, key in enumerate(tested):
+        colour = {"color": "black", "linewidth": 2.5} if key == "acc_deployed_mean" else {}
         axes[0, 0].plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated],
-                        label=f"test {key[4:]}", **style)
-    axes[0, 0].plot(epochs, [r["train_acc"] for r in history], "--", color="grey",
-                    label="train (student)")
+                        label=f"test {key[4:]}", **colour, **line_style(index, len(evaluated)))
+    axes[0, 0].plot(epochs, [r["train_acc"] for r in history], color="grey",
+                    label="train (student)", **line_style(len(tested), points))
     losses = [k for k in history[-1] if k not in NOT_LOSSES and not k.startswith("acc_")]
-    for key in losses:
-        axes[0, 1].plot(epochs, [r[key] for r in history], label=key)
-    for key, label in (("w", "w(ep), Eq. (11)/(13)/(14)"), ("rampup", "r(ep), ramp-up")):
-        if key in history[-1]:
-            axes[1, 0].plot(epochs, [r[key] for r in history], label=label)
-    axes[1, 1].plot(epochs, [r["lr"] for r in history], drawstyle="steps-post",
-                    label="learning rate")
+    for index, key in enumerate(losses):
+        axes[0, 1].plot(epochs, [r[key] for r in history], label=key, **line_style(index, points))
+    weights = [(k, label) for k, label in (("w", "w(ep), Eq. (11)/(13)/(14)"),
+                                           ("rampup", "r(ep), ramp-up")) if k in history[-1]]
+    for index, (key, label) in enumerate(weights):
+        axes[1, 0].plot(epochs, [r[key] for r in history], label=label,
+                        **line_style(index, points))
+    # The rate an epoch trained with, level across that epoch's tick (metrics.csv's lr).
+    axes[1, 1].plot(epochs, [r["lr"] for r in history], drawstyle="steps-mid",
+                    label="learning rate of the epoch", **line_style(0, points))
     axes[1, 1].set_yscale("log")
     titles = ("accuracy (%)", "loss parts (epoch means)", "epoch weights", "lr")
     for ax, title in zip(axes.flat, titles):
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left" if title == "lr" else "best")  # lr only falls
+    axes[1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     fig.tight_layout()

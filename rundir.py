@@ -1,6 +1,6 @@
 """The run directory of train.py and how it is kept: config.json, metrics.csv, checkpoint.pt
-(and, written through here by report.py, curves.png, deployable.pt and summary.json); the lock,
-the stop signals and the process exit codes.
+(and, written through here by report.py and deploy.py, curves.png, deployable.pt, deployable.pt2
+and summary.json); the lock, the stop signals and the process exit codes.
 
 Every file is written to a temporary name beside its final one, synced to the disk and renamed,
 so a run killed at any moment, or a machine that loses power, leaves the previous version whole.
@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import cli
 from backbones import ARCHS
+from data import outermost_missing, remove_empty_folders
 from models import build_deployable
 
 # Process exit codes of train.py (docs/training.md#exit-codes).
@@ -215,16 +216,16 @@ def hold_run_dir(out_dir: str, resume: bool):
     system releases when its process ends, however it ends: the file left by a killed run blocks
     nothing, and `--resume` continues it. `prepare` refuses first what cannot work at all. A new
     directory that a refusal (exit 2) leaves holding nothing but its lock is removed again, by the
-    process that holds the lock only: one refused because another process holds it removes
-    nothing."""
-    created = not os.path.isdir(out_dir)
+    process that holds the lock only, with the parent folders made for it: one refused because
+    another process holds it removes nothing."""
+    created = outermost_missing(out_dir)
     prepare(out_dir, resume)
     with _locked(out_dir, resume, created):
         yield
 
 
 @contextlib.contextmanager
-def _locked(out_dir: str, resume: bool, created: bool):
+def _locked(out_dir: str, resume: bool, created: str | None):
     with open(os.path.join(out_dir, ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -241,7 +242,7 @@ def _locked(out_dir: str, resume: bool, created: bool):
             if created and stop.exit_code == EXIT_BAD_INPUT and os.listdir(out_dir) == [".lock"]:
                 with contextlib.suppress(OSError):  # still held: no other process trains in it
                     os.remove(lock.name)
-                    os.rmdir(out_dir)
+                    remove_empty_folders(out_dir, created)
             raise
 
 

@@ -22,6 +22,15 @@ the initialisation of Sec. 3.3 (copy, then `init_iters` cross-entropy steps, i.e
 DKEL adds the decaying teacher ensemble of Eq. (9)-(12). One epoch is one simultaneous step of
 every student peer followed by one EMA step of every teacher peer (docs/spec.md Sec. 7).
 """
+import sys
+
+# Before any other import: this code needs Python 3.10 (`X | None` annotations, evaluated when the
+# modules load); an older Python gets this line, not a traceback.
+if sys.version_info < (3, 10):
+    sys.stderr.write("error: simulate.py needs Python 3.10 or newer, this is Python %d.%d; run it "
+                     "with a newer python (README, Quick start)\n" % sys.version_info[:2])
+    sys.exit(2)
+
 import argparse
 import csv
 import math
@@ -201,20 +210,33 @@ def write_montecarlo_csv(path: Path, means: dict, stds: dict) -> None:
                                        for m in SIMULATED_METHODS for values in (means, stds)])
 
 
+# Not in Fig. 5: a hollow marker per method, on staggered epochs, tells apart curves that coincide.
+MARKERS = {"pcl": "o", "dk": "s", "dkel": "^"}
+# The epochs of the left panel's inset: at the defaults, around DKEL's largest lead over PCL
+# after epoch 0 (the right panel).
+ZOOM = (10, 14)
+
+
 def plot_montecarlo(path: Path, means: dict, stds: dict, converged: dict, decay: str) -> None:
-    """Left: Fig. 5, the mean teacher gap with a band of one std; right: each gap minus PCL's."""
+    """Left: Fig. 5, the mean teacher gap (thick) between the edges of its band of one std (thin),
+    with an inset that zooms on the means; right: each gap minus PCL's."""
     figure, (axis, difference) = plt.subplots(1, 2, figsize=(12, 4.2))
     epochs = range(len(means[SIMULATED_METHODS[0]]))
-    for method in SIMULATED_METHODS:
+    for index, method in enumerate(SIMULATED_METHODS):
         colour, line = STYLES[method]
-        label = method.upper() + (f" ({decay})" if method == "dkel" and decay != "exp" else "")
+        name = method.upper() + (f" ({decay})" if method == "dkel" and decay != "exp" else "")
         mean, std = torch.tensor(means[method]), torch.tensor(stds[method])
-        axis.plot(epochs, mean, line, color=colour, lw=2, label=label)
-        axis.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.08, lw=0)
+        marks = {"marker": MARKERS[method], "fillstyle": "none",
+                 "markevery": (3 * index, 9)}  # staggered: every method shows its markers
+        axis.plot(epochs, mean, line, color=colour, lw=2, label=f"{name}, converged at epoch "
+                  f"{converged[method]}", **marks)
+        for edge in (mean - std, mean + std):
+            axis.plot(epochs, edge, line, color=colour, lw=0.8)
         axis.axvline(converged[method], color=colour, ls="--", lw=0.8)
         difference.plot(epochs, mean - torch.tensor(means["pcl"]), line, color=colour, lw=2,
-                        label=label)
-    axis.set_title("Monte Carlo simulation (band: ± 1 std over trials; dashed: convergence)",
+                        label=name, **marks)
+    draw_zoom(axis, means)
+    axis.set_title("Monte Carlo simulation (thin: mean ± 1 std over trials; dashed: convergence)",
                    fontsize=10)
     axis.set_ylabel("distance between teacher and Y")
     axis.set_ylim(bottom=0)
@@ -223,10 +245,26 @@ def plot_montecarlo(path: Path, means: dict, stds: dict, converged: dict, decay:
     for panel in (axis, difference):
         panel.set_xlabel("epoch")
         panel.set_xlim(0, len(epochs) - 1)
-        panel.legend()
+    axis.legend(loc="lower left", fontsize=8)
+    difference.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=150)
     plt.close(figure)
+
+
+def draw_zoom(axis, means: dict) -> None:
+    """An inset on `axis` with the means over the epochs ZOOM, in runs that reach them."""
+    if len(means[SIMULATED_METHODS[0]]) <= ZOOM[1]:
+        return
+    zoom = axis.inset_axes([0.38, 0.5, 0.42, 0.45])  # clear of the bands and convergence lines
+    epochs = range(ZOOM[0], ZOOM[1] + 1)
+    for method in SIMULATED_METHODS:
+        colour, line = STYLES[method]
+        zoom.plot(epochs, means[method][ZOOM[0]:ZOOM[1] + 1], line, color=colour, lw=2,
+                  marker=MARKERS[method], fillstyle="none")
+    zoom.set_xlabel(f"the means, epochs {ZOOM[0]} to {ZOOM[1]}", fontsize=7, labelpad=1)
+    zoom.tick_params(labelsize=7)
+    axis.indicate_inset_zoom(zoom, edgecolor="grey")
 
 
 def montecarlo_command(args: argparse.Namespace) -> None:
@@ -358,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "learning rate, 0.1, for the whole simulation)")
     shared.add_argument("--out-dir", default="runs/simulate", help="where the CSV and PNGs go")
     parser = Parser(prog="simulate.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{ideal,montecarlo}")
     commands.add_parser("ideal", parents=[shared], formatter_class=HelpFormatter,
                         help="one step of Fig. 4, saved as ideal.png")
     montecarlo = commands.add_parser(
@@ -408,6 +446,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def main(argv: list = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("name a command: ideal (one step of Fig. 4) or montecarlo (Fig. 5)")
     check_args(parser, args)
     if args.command == "ideal":
         ideal_command(args)

@@ -12,8 +12,16 @@ ensemble (docs/spec.md Sec. 4). Each piece of infrastructure is one named call: 
 (cli.py), the run directory and its checkpoints (rundir.py), the report (report.py), torchrun
 (distributed.py), the stop signals (`STOP`) and the precision (`autocast`).
 """
-import os
 import sys
+
+# Before any other import: this code needs Python 3.10 (`X | None` annotations, evaluated when the
+# modules load); an older Python gets this line, not a traceback.
+if sys.version_info < (3, 10):
+    sys.stderr.write("error: train.py needs Python 3.10 or newer, this is Python %d.%d; run it "
+                     "with a newer python (README, Quick start)\n" % sys.version_info[:2])
+    sys.exit(2)
+
+import os
 import time
 
 import torch

@@ -1,6 +1,9 @@
 """The command lines keep their promises: a bad flag is one line that names it and points to
 --help (exit code 2), and every --help shows each default once."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +89,23 @@ def test_each_flag_reaches_its_method():
     assert authors.teacher.authors_warmup and len(authors.trainable_parameters()) == 2
     okddip = built("--method", "okddip", "--num-peers", "4", "--temperature", "5")
     assert okddip.net.num_peers == 4 and okddip.temperature == 5.0
+
+
+# Runs an entry point as `python <program> --help` would, with sys.version_info saying 3.9.
+OLD_PYTHON = """
+import runpy, sys
+sys.version_info = (3, 9, 18, "final", 0)
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
+def test_an_older_python_is_one_line_before_any_import(program):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", OLD_PYTHON, program], cwd=root,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: {program} needs Python 3.10 or newer, this is Python 3.9; run it with a newer "
+        f"python (README, Quick start)"]

@@ -7,6 +7,8 @@ import fcntl
 import json
 import os
 import signal
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -94,6 +96,22 @@ def test_cifar_data_dir_that_cannot_be_created_is_named(tmp_path, capsys, monkey
                        "--out-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--data-dir /proc/forbidden/data: cannot create it" in err
+
+
+def test_a_refused_data_dir_leaves_no_folder_behind(tmp_path, capsys, monkeypatch):
+    """Offline, a CIFAR --data-dir and an --out-dir whose folders do not exist yet: the refusal
+    (exit 2) removes the folders the run made for them, parents included."""
+    monkeypatch.undo()  # the real loader
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    data_dir, out_dir = tmp_path / "new" / "data", tmp_path / "runs" / "cifar" / "run"
+    assert train.main(["--dataset", "cifar10", "--data-dir", str(data_dir), "--device", "cpu",
+                       "--out-dir", str(out_dir)]) == 2
+    assert "downloading it failed" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_sigterm_stops_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, capsys):

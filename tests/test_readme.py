@@ -1,13 +1,16 @@
 """The README keeps its promises: its size, its own-network example (run exactly as shown), its
 smoke run's summary lines (against what train.py prints), and a repository that stands alone."""
+import ast
 import math
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
 
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,10 +44,11 @@ def test_no_file_of_the_repository_points_outside_it():
             assert outside not in f.read(), name
 
 
-def test_the_own_network_example_runs_one_dkel_step():
+def test_the_own_network_example_runs_one_dkel_step(capsys):
     example, = code_blocks(section("DKEL on your own network"), "python")
     scope = {}
     exec(compile(example, "README.md", "exec"), scope)
+    assert capsys.readouterr().out.startswith(f"Eq. (12) = {scope['loss'].item():.3f}: {{")
     method, loss = scope["method"], scope["loss"]
     assert math.isfinite(loss.item())
     # One student step happened, and Eq. (5) moved the teacher by (1 - alpha) towards it.
@@ -65,14 +69,16 @@ def summary_lines(text: str) -> dict[str, tuple[float, ...]]:
     return rows
 
 
-def test_the_smoke_run_prints_what_the_readme_shows(tmp_path, capsys):
+def test_the_smoke_run_prints_what_the_readme_shows_and_its_program_runs_alone(tmp_path, capsys):
+    """The smoke command, run in an empty folder as shown (its --out-dir runs/smoke there); then
+    the README's lines that load deployable.pt2, run there by a Python that cannot import this
+    repository (-I: neither the script's folder nor PYTHONPATH on sys.path)."""
     smoke = section("Quick start")
     command, = [line for block in code_blocks(smoke, "bash") for line in block.splitlines()
                 if "--dataset synthetic" in line]
     argv = command.split("train.py", 1)[1].split()
-    if "--out-dir" in argv:
-        del argv[argv.index("--out-dir"):argv.index("--out-dir") + 2]
-    argv += ["--out-dir", str(tmp_path / "smoke")]
+    out_dir = argv[argv.index("--out-dir") + 1]
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / out_dir)
     torch.set_num_threads(2)
     assert train.main(argv) == 0
     printed = summary_lines(capsys.readouterr().out)
@@ -80,3 +86,13 @@ def test_the_smoke_run_prints_what_the_readme_shows(tmp_path, capsys):
     assert printed.keys() == shown.keys() and len(shown) >= 8
     for name, numbers in shown.items():  # another CPU's kernels may round differently
         assert printed[name] == pytest.approx(numbers, abs=1.0), name
+    loading, = [block for block in code_blocks(smoke, "python") if "torch.export.load" in block]
+    training_md = open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8").read()
+    assert loading in code_blocks(training_md, "python")  # the same lines in both places
+    alone = "import importlib.util\nassert importlib.util.find_spec('models') is None\n" + loading
+    result = subprocess.run([sys.executable, "-I", "-c", alone], cwd=tmp_path, text=True,
+                            capture_output=True,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    predicted = ast.literal_eval(result.stdout.strip())
+    assert len(predicted) == 4 and set(predicted) <= set(data.SYNTHETIC_CLASSES)

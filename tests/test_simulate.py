@@ -181,3 +181,11 @@ def test_bad_arguments_exit_with_code_2_and_one_line(argv, capsys):
     assert error.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in message and argv[1] in message
+
+
+def test_no_command_names_both_commands(capsys):
+    with pytest.raises(SystemExit) as error:
+        simulate.main([])
+    assert error.value.code == 2
+    message, = capsys.readouterr().err.strip().splitlines()
+    assert "ideal" in message and "montecarlo" in message
