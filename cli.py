@@ -103,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=128, help="batch size (paper: 128, Sec. 4.2)")
     a("--lr", type=float, default=0.1, help="initial learning rate (paper: 0.1, Sec. 4.2)")
     a("--momentum", type=float, default=0.9, help="Nesterov momentum (paper: 0.9, Sec. 4.2)")
-    a("--weight-decay", type=float, default=5e-4, help="weight decay (paper: 5e-4, Sec. 4.2)")
+    a("--weight-decay", type=float, default=5e-4, help="weight decay (paper Sec. 4.2; its digits lost in our copy: 5e-4 from the "
+           "authors' src/optimizer/optimizer_config.yml)")
     a("--milestones", type=int, nargs="+", default=None,
-      help="epochs at which lr is multiplied by 0.1 (paper: 150 225 of 300 on CIFAR, 30 60 of 100 "
-           "on TinyImageNet; default: scaled with --epochs)")
+      help="epochs at which lr is multiplied by 0.1 (paper Sec. 4.2, values from the authors' "
+           "src/schemes/scheme_config.yml: 150 225 of 300 on CIFAR, 30 60 of 100 on TinyImageNet; "
+           "default: scaled with --epochs)")
     a("--seed", type=int, default=0, help="random seed (initialisation, data order, augmentation)")
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     a("--data-dir", default="./data", help="where the data set is, or is downloaded to")
@@ -137,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
            "classifier's curvature: at lr 0.1 it is unstable and can stall the peers near chance "
            "on some seeds (docs/training.md). A fixed 1/M from that curvature, not a tuned value")
     a("--authors-code", action="store_true",
-      help="every --authors-* behaviour below at once: the authors' code as they ran it "
-           "(docs/spec.md Sec. 8)")
+      help="the four behaviours of the authors' DKEL code below at once, as they ran it "
+           "(docs/spec.md Sec. 8; not --authors-pcl-teacher)")
     a("--authors-rampup", action="store_true",
-      help="authors' code: r(ep) = 0.1 exp(-5(1 - ep/0.1)^2) for ep <= 80, 0.1 after")
+      help="authors' DKEL code (lambd = 0.1): r(ep) = 0.1 exp(-5(1 - ep/0.1)^2) for ep <= 80, 0.1 after")
     a("--authors-init", action="store_true",
       help="authors' code: k + 1 initialisation steps at lr 0.001 with weight decay 5e-4")
     a("--authors-ema-warmup", action="store_true",

@@ -84,6 +84,8 @@ def decay_weight(epoch: int, epochs: int, kind: str = "exp", beta: float = 0.5) 
         return math.exp(-beta * epoch)
     if kind == "cos":
         # Eq. (13): w(ep) = 1/2 * (1 + cos(pi * ep / E)).
+        # NOTE(paper): the paper's words also fit cos(pi * ep / (2E)); the authors' code has only
+        # Eq. (11) (docs/spec.md Sec. 2).
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     if kind == "linear":
         # Eq. (14): w(ep) = 1 - ep / E.

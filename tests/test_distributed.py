@@ -24,8 +24,8 @@ import train
 from methods import DKEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "summary.json",
-             "curves.png", ".lock"}
+RUN_FILES = {"config.json", "metrics.csv", "checkpoint.pt", "deployable.pt", "deployable.pt2",
+             "summary.json", "curves.png", ".lock"}
 FLAGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batch-size", "32",
          "--device", "cpu"]
 
