@@ -240,6 +240,7 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 natively: a CUDA GPU that does, or a CPU with AVX512-BF16 or
     AMX (oneDNN emulates bf16 on older AVX512 CPUs, slower than fp32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        with torch.cuda.device(device):  # the GPU the run uses, not the current one
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return any(capabilities.get(name) for name in ("avx512_bf16", "amx_bf16", "bf16"))
