@@ -225,14 +225,25 @@ def hold_run_dir(out_dir: str, resume: bool):
 
 
 @contextlib.contextmanager
-def _locked(out_dir: str, resume: bool, created: str | None):
+def lock_of(out_dir: str):
+    """The run directory's lock, taken without waiting: the open lock file, or None when another
+    process holds it. Leaving the block closes the file, which releases the lock."""
     with open(os.path.join(out_dir, ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield None
+            return
+        yield lock
+
+
+@contextlib.contextmanager
+def _locked(out_dir: str, resume: bool, created: str | None):
+    with lock_of(out_dir) as lock:
+        if lock is None:
             raise RunStopped(f"another process is training into {out_dir} (it holds "
-                             f"{lock.name}); wait for it to end or choose another --out-dir",
-                             EXIT_BAD_INPUT) from None
+                             f"{os.path.join(out_dir, '.lock')}); wait for it to end or choose "
+                             f"another --out-dir", EXIT_BAD_INPUT)
         try:
             if not resume and has_checkpoint(out_dir):
                 raise RunStopped(f"{out_dir} already holds a run; add --resume to continue it, "
@@ -250,10 +261,8 @@ def move_aside(out_dir: str, aside: str) -> bool:
     """Rename the run directory `out_dir` to `aside` while holding its lock (`hold_run_dir`), so
     that no train.py is training in it meanwhile (it would write on into the new name); False, and
     nothing moved, when a process holds it."""
-    with open(os.path.join(out_dir, ".lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with lock_of(out_dir) as lock:
+        if lock is None:
             return False
         os.rename(out_dir, aside)
     return True
