@@ -1,4 +1,5 @@
-"""The first minutes on a GPU: one command that checks and times train.py's CUDA path (issue #26).
+"""The first minutes on a GPU: one command that checks and times train.py's CUDA path
+(docs/performance.md says how to run it and where its figures go).
 
     python bench_cuda.py [--json bench_cuda.json]        # about 8 minutes at most on one GPU
 
