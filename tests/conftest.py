@@ -11,7 +11,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
-import data as datasets  # noqa: E402  (after the path is set)
+import cli  # noqa: E402  (after the path is set)
+import data as datasets  # noqa: E402
 import train  # noqa: E402
 from models import build_deployable  # noqa: E402
 
@@ -53,3 +54,22 @@ def cifar_shaped(num_classes=10):
     image, label = torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
     return datasets.ImageData("synthetic", image, label, image, label, (0.5,) * 3, (0.25,) * 3,
                               num_classes)
+
+
+# compare.py's run directories (tests/test_compare.py, tests/test_sweep.py)
+TINY_TRAINING = ["--", "--batch-size", "64", "--device", "cpu"]
+
+
+def config_by_hand(path, train_argv):
+    """config.json as train.py writes it for these flags (its resolved arguments)."""
+    os.makedirs(path, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(vars(cli.resolve_args(train_argv))))
+
+
+def finished_by_hand(runs_dir, name, final, best, train_argv):
+    """A run directory made with train.py's `train_argv` whose summary.json says it finished with
+    these accuracies."""
+    config_by_hand(runs_dir / name, train_argv)
+    summary = {"headline_final_deployed_mean": final,
+               "paper_convention_best_peer_best_epoch": {"acc": best}}
+    (runs_dir / name / "summary.json").write_text(json.dumps(summary))
