@@ -93,6 +93,7 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
                                                   "output": best_key, "selected_on": "test split"},
         "deployable": deployable,
         "train_seconds": sum(row["epoch_seconds"] for row in history),
+        "test_images": len(data.test_labels),  # the accuracies' denominator (binomial error)
     }
     write_json(summary, os.path.join(args.out_dir, "summary.json"))
     return summary

@@ -56,6 +56,7 @@ def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
         images, labels = next(datasets.test_batches(test, 128))
         accuracy = 100.0 * (deployed.eval()(images).argmax(1) == labels).float().mean().item()
     assert accuracy == pytest.approx(final[f"acc_{summary['deployable']['output']}"])
+    assert summary["test_images"] == len(test.test_labels) == 128  # conftest's tiny test split
     assert "headline" in capsys.readouterr().out
 
 
