@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--runs-dir", default="runs",
       help="where the runs and the tables live; one per experiment protocol (--epochs, the flags "
            "after --): a run made with other settings is never tabulated")
+    a("--paired-runs-dir", nargs="+", default=[], metavar="DIR",
+      help="runs directories of the same data sets, networks, epochs and seeds whose methods "
+           "are also compared with this grid's baseline, seed by seed (e.g. DKEL with a flag the "
+           "baseline does not take); their runs are read as they are, their protocol unchecked")
     a("--retrain-mismatched", action="store_true",
       help="move each run of the grid made with other settings to <its directory>.mismatched-N "
            "and train it again (default: name them and train nothing)")
@@ -217,27 +221,48 @@ def check_gpus(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 # ----------------------------------------------------------------------------- tables
 def collect(args, runs: list[sweep.Run],
             untabulated: dict[sweep.Run, str]) -> tuple[dict, list[str]]:
-    """Run key -> {"final": [...], "best": [...]} over the finished seeds; the others (missing, or
-    in `untabulated`: failed, made otherwise) by directory."""
+    """Run key -> {"final": [...], "best": [...], "runs": [run_record, ...]} over the finished
+    seeds; the others (missing, or in `untabulated`: failed, made otherwise) by directory."""
     results, problems = {}, []
     for run in runs:
-        path = os.path.join(sweep.run_dir(args, run), "summary.json")
-        if run in untabulated or not os.path.exists(path):
-            problems.append(f"{sweep.run_dir(args, run)}: {untabulated.get(run, 'missing')}")
+        out_dir = sweep.run_dir(args, run)
+        if run in untabulated or not os.path.exists(os.path.join(out_dir, "summary.json")):
+            problems.append(f"{out_dir}: {untabulated.get(run, 'missing')}")
             continue
         try:
-            with open(path) as f:
-                summary = json.load(f)
-            final = report.headline(summary)
-            best = summary["paper_convention_best_peer_best_epoch"]["acc"]
+            record = run_record(out_dir, run.seed)
         except (OSError, ValueError, LookupError, TypeError) as error:
-            problems.append(f"{sweep.run_dir(args, run)}: its summary.json cannot be read "
+            problems.append(f"{out_dir}: its summary.json or metrics.csv cannot be read "
                             f"({type(error).__name__}); move the directory aside to train it again")
             continue
-        entry = results.setdefault(run.key(), {"final": [], "best": []})
-        entry["final"].append(final)
-        entry["best"].append(best)
+        entry = results.setdefault(run.key(), {"final": [], "best": [], "runs": []})
+        entry["final"].append(record["final"])
+        entry["best"].append(record["best"])
+        entry["runs"].append(record)
     return results, problems
+
+
+def run_record(out_dir: str, seed: int) -> dict:
+    """A finished run's figures: the headline and the paper's convention; where the run wrote them,
+    the student ensemble's final accuracy, the training seconds, the number of test images, the
+    median images/s and, after the ramp-up (r(ep) = 1), the lowest logit norm and test accuracy of
+    the deployed model (the health check's collapse watch)."""
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    record = {"seed": seed, "final": report.headline(summary),
+              "best": summary["paper_convention_best_peer_best_epoch"]["acc"],
+              "ensemble": summary.get("final", {}).get("acc_student_ensemble"),
+              "seconds": summary.get("train_seconds"), "test_images": summary.get("test_images")}
+    metrics = os.path.join(out_dir, "metrics.csv")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            rows = list(csv.DictReader(f))
+        record["images_per_s"] = statistics.median(float(row["images_per_s"]) for row in rows)
+        ramped = [row for row in rows if float(row["rampup"]) >= 1.0 and row["acc_deployed_mean"]]
+        if ramped:
+            record["lowest_logit_norm"] = min(float(row["logit_norm"]) for row in ramped)
+            record["lowest_acc"] = min(float(row["acc_deployed_mean"]) for row in ramped)
+    return record
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -332,10 +357,150 @@ def markdown(args, results: dict, problems: list[str]) -> str:
                      for col, _ in columns]
             lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
         lines.append("")
+    if compares_with_baseline(args):
+        lines += seed_by_seed(args, method_entries(args, results))
     lines += notes(args)
     lines += ["## Missing or failed runs", ""]
     lines += [f"- {problem}" for problem in problems] or ["none"]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- seed by seed
+def t_quantile(dof: int, coverage: float = 0.95) -> float:
+    """The two-sided quantile q of Student's t with `dof` degrees of freedom, P(|T| < q) =
+    `coverage`: bisection on the density's integral (Simpson's rule)."""
+    scale = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+
+    def density(x: float) -> float:
+        return scale * (1 + x * x / dof) ** (-(dof + 1) / 2)
+
+    def mass(q: float, steps: int = 2000) -> float:  # P(|T| < q)
+        h = q / steps
+        odd = sum(density((2 * k - 1) * h) for k in range(1, steps // 2 + 1))
+        even = sum(density(2 * k * h) for k in range(1, steps // 2))
+        return 2 * h / 3 * (density(0.0) + 4 * odd + 2 * even + density(q))
+
+    low, high = 0.0, 100.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        if mass(middle) < coverage:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def paired_t(differences: list[float]) -> float | None:
+    """The paired t statistic mean(d) / (std(d) / sqrt(n)) of per-seed differences; None for
+    fewer than two."""
+    if len(differences) < 2:
+        return None
+    mean, std = statistics.fmean(differences), statistics.stdev(differences)
+    if std == 0.0:
+        return math.copysign(math.inf, mean) if mean else 0.0
+    return mean / (std / math.sqrt(len(differences)))
+
+
+def verdict(differences: list[float]) -> str:
+    """Whether a method's mean difference from the baseline stands out of the seed noise: |t|
+    above the two-sided 5% quantile of Student's t with n - 1 degrees of freedom."""
+    t = paired_t(differences)
+    if t is None:
+        return "one seed: no test"
+    if abs(t) <= t_quantile(len(differences) - 1):
+        return "within the seed noise"
+    return "stands out: better" if t > 0 else "stands out: worse"
+
+
+def compares_with_baseline(args) -> bool:
+    """Tables 1-3 with the baseline and another method (or --paired-runs-dir)."""
+    others = [m for m in args.methods if m != "baseline"] or args.paired_runs_dir
+    return args.figure == "bars" and "baseline" in args.methods and bool(others)
+
+
+def method_entries(args, results: dict) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    """(data set, network) -> method label -> its finished runs' records (run_record): this
+    grid's methods, then those found in each --paired-runs-dir."""
+    entries = {}
+    for (dataset, arch, method, _), entry in results.items():
+        entries.setdefault((dataset, arch), {})[METHODS[method].label] = entry["runs"]
+    for runs_dir in args.paired_runs_dir:
+        other = argparse.Namespace(runs_dir=runs_dir)
+        name = os.path.basename(os.path.normpath(runs_dir))
+        for dataset, arch, method in itertools.product(args.dataset, args.archs, METHODS):
+            done = [run for run in (sweep.Run(dataset, arch, method, "", (), seed)
+                                    for seed in args.seeds) if sweep.finished(other, run)]
+            if method != "baseline" and done:
+                records = [run_record(sweep.run_dir(other, run), run.seed) for run in done]
+                label = f"{METHODS[method].label} ({name})"
+                entries.setdefault((dataset, arch), {})[label] = records
+    return entries
+
+
+def differences(records: list[dict], baseline: list[dict]) -> list[float]:
+    """A method's final accuracy minus the baseline's, seed by seed (the seeds both finished)."""
+    base = {record["seed"]: record["final"] for record in baseline}
+    return [record["final"] - base[record["seed"]] for record in records if record["seed"] in base]
+
+
+def binomial_error(records: list[dict]) -> str:
+    """The binomial standard error of one accuracy at the records' mean, on their test images."""
+    sizes = {record["test_images"] for record in records if record.get("test_images")}
+    if not sizes:
+        return "the runs do not record their number of test images (summary.json test_images)"
+    n, p = max(sizes), statistics.fmean(record["final"] for record in records) / 100
+    error = 100 * math.sqrt(p * (1 - p) / n)
+    return (f"binomial standard error of one accuracy of {100 * p:.1f}% on {n} test images: "
+            f"{error:.2f} points ({error * math.sqrt(2):.2f} for the difference of two "
+            f"independent ones)")
+
+
+def details(label: str, records: list[dict]) -> str:
+    """A method's row of the details table: its seeds, the mean ± std of its final deployed and
+    student-ensemble accuracies, its mean median images/s and training minutes, and, over its
+    runs, the lowest logit norm and test accuracy after the ramp-up ("—" where not recorded)."""
+    def values(key: str) -> list[float]:
+        return [record[key] for record in records if record.get(key) is not None]
+
+    def spread(key: str) -> str:
+        return cell(*mean_std(values(key))) if values(key) else "—"
+
+    def number(key: str, reduce, digits: int, scale: float = 1.0) -> str:
+        return f"{reduce(values(key)) * scale:.{digits}f}" if values(key) else "—"
+
+    seeds = " ".join(str(record["seed"]) for record in records)
+    return (f"| {label} | {seeds} | {spread('final')} | {spread('ensemble')} | "
+            f"{number('images_per_s', statistics.fmean, 0)} | "
+            f"{number('seconds', statistics.fmean, 1, 1 / 60)} | "
+            f"{number('lowest_logit_norm', min, 3)} | {number('lowest_acc', min, 1)} |")
+
+
+def seed_by_seed(args, entries: dict) -> list[str]:
+    """Tables 1-3 with the baseline among the methods: each method's per-seed difference from the
+    baseline, its paired t and verdict; each method's student ensemble, speed and health."""
+    lines = ["## Against the baseline, seed by seed (final epoch, deployed model)", "",
+             "d = the method's final accuracy minus the baseline's on the same seed, in points; "
+             "t = mean(d) / (std(d) / √n); a difference stands out of the seed noise when |t| "
+             "exceeds the two-sided 5% quantile of Student's t with n - 1 degrees of freedom.", ""]
+    for (dataset, arch), methods in entries.items():
+        baseline = methods.get(METHODS["baseline"].label, [])
+        lines += [f"### {dataset} {arch}", "", f"Baseline: {binomial_error(baseline)}.", "",
+                  "| method | d per seed | mean ± std | t (5% quantile) | verdict |",
+                  "|---|---|---|---|---|"]
+        for label, records in methods.items():
+            d = differences(records, baseline)
+            if label == METHODS["baseline"].label or not d:
+                continue
+            t = paired_t(d)
+            quantile = f"{t:.2f} ({t_quantile(len(d) - 1):.2f})" if t is not None else "—"
+            lines.append(f"| {label} | {' '.join(f'{v:+.2f}' for v in d)} | "
+                         f"{cell(*mean_std(d))} | {quantile} | {verdict(d)} |")
+        lines += ["", "| method | seeds | deployed, final | student ensemble, final | images/s "
+                  "(median epoch) | training minutes | lowest logit norm after ramp-up | lowest "
+                  "test % after ramp-up |", "|---|---|---|---|---|---|---|---|"]
+        lines += [details(label, records) for label, records in methods.items()]
+        lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------- figures
@@ -380,6 +545,8 @@ def bar_chart(args, results: dict, path: str) -> None:
                 stds = [std or math.nan for _, std in stats]
                 ax.bar(xs, means, width, yerr=stds, capsize=2, label=label,
                        color=colours[k % len(colours)], edgecolor="grey")
+                for x, finals in zip(xs, runs):  # each seed a point
+                    ax.plot([x] * len(finals), finals, ".", color="dimgrey", markersize=4)
                 paper = [PAPER.get(key(dataset, g, s), (math.nan,))[0] for g, _ in groups]
                 ax.plot(xs, paper, "k_", markersize=10, markeredgewidth=2)
             finals = [v for (g, _), (s, _) in itertools.product(groups, series)
@@ -389,8 +556,36 @@ def bar_chart(args, results: dict, path: str) -> None:
             ax.set_xticks(range(len(groups)), [label for _, label in groups])
             ax.set_title(dataset, fontsize=10)
         axes[0].plot([], [], "k_", markersize=10, markeredgewidth=2, label="paper")
-        axes[0].set_ylabel(f"deployed model's final top-1 %\n(mean ± std over seeds {args.seeds})")
+        axes[0].set_ylabel(f"deployed model's final top-1 %\n(mean ± std over seeds {args.seeds}; "
+                           "dots: the seeds)")
         axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def paired_chart(entries: dict, path: str) -> None:
+    """One panel per data set and network: each method's final accuracy minus the baseline's, a
+    point per seed and a bar at their mean; the grey band is the binomial 95% band (±1.96 standard
+    errors) of the difference of two independent accuracies at the baseline's mean."""
+    with panels(path, len(entries), 1.5 + 1.2 * max(len(m) for m in entries.values())) as axes:
+        for ax, ((dataset, arch), methods) in zip(axes, entries.items()):
+            baseline = methods.get(METHODS["baseline"].label, [])
+            compared = [(label, differences(records, baseline))
+                        for label, records in methods.items() if label != METHODS["baseline"].label]
+            compared = [(label, d) for label, d in compared if d]
+            sizes = [record["test_images"] for record in baseline if record.get("test_images")]
+            if sizes and compared:
+                p = statistics.fmean(record["final"] for record in baseline) / 100
+                band = 1.96 * math.sqrt(2) * 100 * math.sqrt(p * (1 - p) / max(sizes))
+                ax.axhspan(-band, band, color="lightgrey",
+                           label=f"binomial 95% ({max(sizes)} test images)")
+            for x, (label, d) in enumerate(compared):
+                ax.plot([x] * len(d), d, "o", color=f"C{x % 10}", alpha=0.7)
+                ax.plot([x], [statistics.fmean(d)], "k_", markersize=24, markeredgewidth=2)
+            ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_xticks(range(len(compared)), [label for label, _ in compared], fontsize=8)
+            ax.set_title(f"{dataset} {arch}", fontsize=10)
+            if sizes and compared:
+                ax.legend(fontsize=8)
+        axes[0].set_ylabel("final top-1 % minus the baseline's,\nsame seed (points; bar: mean)")
 
 
 def deployed_curve(out_dir: str) -> dict[int, float]:
@@ -451,8 +646,12 @@ def main(argv: list[str] | None = None) -> int:
         curve_chart(args, [run for run in runs if run not in untabulated], f"{base}.png")
     else:
         bar_chart(args, results, f"{base}.png")
+    written = f"{base}.md and {base}.png"
+    if compares_with_baseline(args):
+        paired_chart(method_entries(args, results), f"{base}_paired.png")
+        written = f"{base}.md, {base}.png and {base}_paired.png"
     print(text)
-    print(f"wrote {base}.md and {base}.png")
+    print(f"wrote {written}")
     if args.read_only and mismatched:
         print(f"{len(mismatched)} run(s) made with other settings are not tabulated: "
               f"{sweep.HOW_TO_PROCEED}")

@@ -257,3 +257,60 @@ def test_list_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
         assert compare.main(["--runs-dir", str(tmp_path), "--list"]) == 128 + signal.SIGPIPE
         closed_pipe.write("at exit, Python flushes stdout once more\n")
         closed_pipe.flush()
+
+
+@pytest.mark.parametrize("dof,quantile", [(1, 12.706), (2, 4.303), (10, 2.228), (1000, 1.962)])
+def test_t_quantile_matches_the_statistical_tables(dof, quantile):
+    assert compare.t_quantile(dof) == pytest.approx(quantile, abs=2e-3)
+
+
+@pytest.mark.parametrize("differences,t,verdict", [
+    ([1.0, 2.0, 3.0], 2 / (1 / 3 ** 0.5), "within the seed noise"),      # mean 2, std 1
+    ([2.1, 1.9, 2.0], 2 / (0.1 / 3 ** 0.5), "stands out: better"),      # mean 2, std 0.1
+    ([-2.1, -1.9, -2.0], -2 / (0.1 / 3 ** 0.5), "stands out: worse"),
+    ([0.5], None, "one seed: no test")])
+def test_paired_t_and_verdict_by_hand(differences, t, verdict):
+    assert compare.paired_t(differences) == (None if t is None else pytest.approx(t))
+    assert compare.verdict(differences) == verdict
+
+
+def seed_run_by_hand(runs_dir, method, seed, final, ensemble, metrics_rows):
+    """A finished synthetic resnet8 run with the summary fields and metrics.csv columns of the
+    seed-by-seed section: 1,000 test images, 2 training minutes."""
+    name = f"synthetic_resnet8_{method}_seed{seed}"
+    finished_by_hand(runs_dir, name, final, final, ["--dataset", "synthetic", "--arch", "resnet8",
+                                                    "--method", method, "--epochs", "2",
+                                                    "--seed", str(seed)])
+    summary_path = runs_dir / name / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.update(final={"acc_student_ensemble": ensemble}, train_seconds=120.0,
+                   test_images=1000)
+    summary_path.write_text(json.dumps(summary))
+    lines = ["epoch,rampup,logit_norm,images_per_s,acc_deployed_mean"]
+    lines += [",".join(str(v) for v in row) for row in metrics_rows]
+    (runs_dir / name / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_seed_by_seed_section_pairs_each_method_with_the_baseline(tmp_path, capsys):
+    main, other = tmp_path / "main", tmp_path / "other"
+    # (epoch, r(ep), logit norm, images/s, test %): the first row is still ramping up
+    rows = [(1, 0.5, 0.001, 100.0, 10.0), (2, 1.0, 2.5, 300.0, 55.0), (3, 1.0, 3.0, 200.0, 57.0)]
+    for seed, base in ((0, 60.0), (1, 62.0)):
+        seed_run_by_hand(main, "baseline", seed, base, None, rows)
+        seed_run_by_hand(main, "dkel", seed, base + 1 + seed, base + 3, rows)
+        seed_run_by_hand(other, "dkel", seed, base - 2, None, rows)
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
+            "--seeds", "0", "1", "--epochs", "2", "--runs-dir", str(main), "--read-only",
+            "--paired-runs-dir", str(other)]
+    assert compare.main(argv) == 0
+    table = (main / "table1_synthetic.md").read_text()
+    # DKEL: +1 and +2 over the baseline: mean 1.5, std 0.71, t = 1.5 / (0.7071 / sqrt 2) = 3.00
+    assert "| DKEL | +1.00 +2.00 | 1.50±0.71 | 3.00 (12.71) | within the seed noise |" in table
+    assert "| DKEL (other) | -2.00 -2.00 | -2.00±0.00 | -inf (12.71) | stands out: worse |" in table
+    # 100 * sqrt(0.61 * 0.39 / 1000) = 1.542 points at the baseline's mean of 61%
+    assert "one accuracy of 61.0% on 1000 test images: 1.54 points (2.18 for the" in table
+    # ensemble 63 and 65; images/s: the median epoch, 200; 2 minutes; after the ramp-up (rows
+    # 2-3) the lowest logit norm is 2.5 and the lowest test accuracy 55%
+    assert "| DKEL | 0 1 | 62.50±2.12 | 64.00±1.41 | 200 | 2.0 | 2.500 | 55.0 |" in table
+    assert "| Baseline | 0 1 | 61.00±1.41 | — | 200 | 2.0 | 2.500 | 55.0 |" in table
+    assert (main / "table1_synthetic_paired.png").read_bytes()[:8] == PNG_SIGNATURE
