@@ -16,6 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import data
+import evidence_split
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # docs/spec.md Sec. 3
 CIFAR100_STATS = ((0.5071, 0.4866, 0.4409), (0.2675, 0.2565, 0.2761))
@@ -192,20 +193,28 @@ CIFAR_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_loads_torchvision_layout(name, tmp_path, monkeypatch, offline):
-    dataset_class, folder, label_key, classes, stats, meta = CIFAR_LAYOUTS[name]
+def tiny_cifar_on_disk(name, root, monkeypatch):
+    """Tiny CIFAR files under root, accepted by torchvision's integrity check (their own md5s);
+    returns (train files, test files, (images, labels) per file)."""
+    dataset_class, folder, label_key, classes, _, meta = CIFAR_LAYOUTS[name]
     train_files = [n for n, _ in dataset_class.train_list]
     test_files = [n for n, _ in dataset_class.test_list]
-    written = write_cifar(tmp_path, folder, train_files + test_files, dataset_class.meta["filename"],
+    written = write_cifar(root, folder, train_files + test_files, dataset_class.meta["filename"],
                           meta, label_key, classes)
-    # The tiny files have their own md5s: torchvision's integrity check must accept them.
+
     def listing(files):
-        return [[n, md5(tmp_path / folder / n)] for n in files]
+        return [[n, md5(root / folder / n)] for n in files]
     monkeypatch.setattr(dataset_class, "train_list", listing(train_files))
     monkeypatch.setattr(dataset_class, "test_list", listing(test_files))
-    meta_md5 = md5(tmp_path / folder / dataset_class.meta["filename"])
+    meta_md5 = md5(root / folder / dataset_class.meta["filename"])
     monkeypatch.setattr(dataset_class, "meta", {**dataset_class.meta, "md5": meta_md5})
+    return train_files, test_files, written
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loads_torchvision_layout(name, tmp_path, monkeypatch, offline):
+    _, _, _, classes, stats, _ = CIFAR_LAYOUTS[name]
+    train_files, test_files, written = tiny_cifar_on_disk(name, tmp_path, monkeypatch)
     loaded = data.load_data(name, str(tmp_path), "cpu")
     for files, images, labels in ((train_files, loaded.train_images, loaded.train_labels),
                                   (test_files, loaded.test_images, loaded.test_labels)):
@@ -213,6 +222,28 @@ def test_cifar_loads_torchvision_layout(name, tmp_path, monkeypatch, offline):
         assert labels.tolist() == sum((written[n][1] for n in files), [])
     assert loaded.num_classes == classes and (loaded.mean, loaded.std) == stats
     assert loaded.train_labels.dtype == torch.int64 and loaded.image_shape == (3, 32, 32)
+
+
+def test_evidence_split_takes_the_start_of_each_training_batch(tmp_path, monkeypatch, offline):
+    # Tiny batches of 5 images, 4 taken from each: train = batches 1-4's first four (every class
+    # among them), test = batch 5's first four, as ImageFolder trees that the imagefolder loader
+    # reads back pixel for pixel.
+    train_files, _, written = tiny_cifar_on_disk("cifar10", tmp_path / "cifar", monkeypatch)
+    counts = evidence_split.write_split(str(tmp_path / "cifar"), str(tmp_path / "split"),
+                                        per_batch=4, batch_size=5)
+    assert counts == (16, 4)
+    loaded = data.load_data("imagefolder", str(tmp_path / "split"), "cpu")
+    expected = {}
+    for part, files in (("train", train_files[:4]), ("test", train_files[4:])):
+        images = np.concatenate([written[n][0][:4] for n in files])
+        labels = sum((written[n][1][:4] for n in files), [])
+        expected[part] = sorted((label, image.tobytes()) for image, label in zip(images, labels))
+    for part, images, labels in (("train", loaded.train_images, loaded.train_labels),
+                                 ("test", loaded.test_images, loaded.test_labels)):
+        found = sorted((label, image.numpy().tobytes())
+                       for image, label in zip(images, labels.tolist()))
+        assert found == expected[part]
+    assert loaded.classes == tuple(f"c{k}" for k in range(10))  # the metadata's class names
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
