@@ -244,15 +244,15 @@ def collect(args, runs: list[sweep.Run],
 
 def run_record(out_dir: str, seed: int) -> dict:
     """A finished run's figures: the headline and the paper's convention; where the run wrote them,
-    the student ensemble's final accuracy, the training seconds, the number of test images, the
-    median images/s and, after the ramp-up (r(ep) = 1), the lowest logit norm and test accuracy of
-    the deployed model (the health check's collapse watch)."""
+    the student ensemble's final accuracy, the number of test images, the median images/s over
+    the epochs and, after the ramp-up (r(ep) = 1), the lowest logit norm and test accuracy of the
+    deployed model (the health check's collapse watch)."""
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     record = {"seed": seed, "final": report.headline(summary),
               "best": summary["paper_convention_best_peer_best_epoch"]["acc"],
               "ensemble": summary.get("final", {}).get("acc_student_ensemble"),
-              "seconds": summary.get("train_seconds"), "test_images": summary.get("test_images")}
+              "test_images": summary.get("test_images")}
     metrics = os.path.join(out_dir, "metrics.csv")
     if os.path.exists(metrics):
         with open(metrics) as f:
@@ -457,7 +457,7 @@ def binomial_error(records: list[dict]) -> str:
 
 def details(label: str, records: list[dict]) -> str:
     """A method's row of the details table: its seeds, the mean ± std of its final deployed and
-    student-ensemble accuracies, its mean median images/s and training minutes, and, over its
+    student-ensemble accuracies, the mean over its runs of their median images/s and, over its
     runs, the lowest logit norm and test accuracy after the ramp-up ("—" where not recorded)."""
     def values(key: str) -> list[float]:
         return [record[key] for record in records if record.get(key) is not None]
@@ -465,13 +465,12 @@ def details(label: str, records: list[dict]) -> str:
     def spread(key: str) -> str:
         return cell(*mean_std(values(key))) if values(key) else "—"
 
-    def number(key: str, reduce, digits: int, scale: float = 1.0) -> str:
-        return f"{reduce(values(key)) * scale:.{digits}f}" if values(key) else "—"
+    def number(key: str, reduce, digits: int) -> str:
+        return f"{reduce(values(key)):.{digits}f}" if values(key) else "—"
 
     seeds = " ".join(str(record["seed"]) for record in records)
     return (f"| {label} | {seeds} | {spread('final')} | {spread('ensemble')} | "
             f"{number('images_per_s', statistics.fmean, 0)} | "
-            f"{number('seconds', statistics.fmean, 1, 1 / 60)} | "
             f"{number('lowest_logit_norm', min, 3)} | {number('lowest_acc', min, 1)} |")
 
 
@@ -496,8 +495,8 @@ def seed_by_seed(args, entries: dict) -> list[str]:
             lines.append(f"| {label} | {' '.join(f'{v:+.2f}' for v in d)} | "
                          f"{cell(*mean_std(d))} | {quantile} | {verdict(d)} |")
         lines += ["", "| method | seeds | deployed, final | student ensemble, final | images/s "
-                  "(median epoch) | training minutes | lowest logit norm after ramp-up | lowest "
-                  "test % after ramp-up |", "|---|---|---|---|---|---|---|---|"]
+                  "(median epoch) | lowest logit norm after ramp-up | lowest test % after ramp-up "
+                  "|", "|---|---|---|---|---|---|---|"]
         lines += [details(label, records) for label, records in methods.items()]
         lines.append("")
     return lines
