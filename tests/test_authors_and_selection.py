@@ -134,7 +134,7 @@ def test_without_validation_no_selection_is_made(tmp_path, small_data):
 
 
 def test_the_lag_warning_fires_when_the_teacher_lags_longer_than_the_run(tmp_path, small_data, capsys):
-    # The README's smoke run: 3 epochs of 39 steps = 117 steps, time constant 1/(1 - 0.99) = 100.
+    # 3 epochs of 39 steps (the synthetic set at batch 128) = 117 steps; time constant 1/(1 - 0.99) = 100.
     assert ema_lag_warning(0.99, 39, 3) is None
     # The paper's alpha over the same 117 steps: 1,000 steps, and 0.999^117 = 0.8894 of the teacher's
     # starting weights left in the final teacher.
