@@ -44,6 +44,8 @@ EXIT_RANK_LOST = 5
 EXIT_INTERRUPTED = 130
 # SIGTERM (SLURM, Kubernetes before a kill): likewise, for a requeue with --resume.
 EXIT_TERMINATED = 143
+# stdout's reader has gone (`train.py | head`), as a process that SIGPIPE ends: likewise.
+EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
 
 # Arguments that may change between a run and its resumption without changing its results.
 RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
@@ -57,6 +59,15 @@ class RunStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def stdout_gone() -> int:
+    """stdout's reader has gone (`... | head`): what is printed from now on, Python's last flush at
+    exit included, goes to /dev/null; returns EXIT_CLOSED_PIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_CLOSED_PIPE
 
 
 def config_of(args: argparse.Namespace, device: torch.device) -> dict:

@@ -402,10 +402,7 @@ def print_lines(lines) -> int:
     try:
         print("\n".join(lines), flush=True)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)  # Python's last flush at exit goes there
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 128 + signal.SIGPIPE
+        return rundir.stdout_gone()
     return 0
 
 

@@ -259,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except rundir.RunStopped as stop:
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
+    except BrokenPipeError:  # `train.py | head`: the reader of stdout has gone
+        print(f"stdout was closed: every finished epoch is saved in {args.out_dir}; continue with "
+              f"the same command plus --resume", file=sys.stderr)
+        return rundir.stdout_gone()
     except KeyboardInterrupt as stop:  # Ctrl-C before STOP holds the signals, or a second signal
         print(f"\n{str(stop) or 'interrupted'}: every finished epoch is saved in {args.out_dir}; "
               f"continue with the same command plus --resume", file=sys.stderr)

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import urllib.error
 import urllib.request
 
@@ -135,6 +136,24 @@ def test_sigterm_stops_at_a_step_and_resume_ends_as_an_uninterrupted_run(tmp_pat
     monkeypatch.setattr(train, "student_step", real_step)
     assert train.main(args_for(stopped, "--resume")) == 0
     assert metrics(stopped) == metrics(straight)
+
+
+def test_a_closed_stdout_stops_the_run_quietly_and_resume_finishes_it(tmp_path, monkeypatch,
+                                                                     capsys):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `train.py ... | head`: the reader has gone
+    stdout = sys.stdout
+    with open(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert train.main(args_for(tmp_path)) == rundir.EXIT_CLOSED_PIPE == 141
+        closed_pipe.write("at exit, Python flushes stdout once more\n")
+        closed_pipe.flush()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    err = capsys.readouterr().err
+    assert "stdout was closed" in err and "--resume" in err and "Traceback" not in err
+    assert len(metrics(tmp_path)) == 1  # epoch 1 was saved before its line failed to print
+    assert train.main(args_for(tmp_path, "--resume")) == 0
+    assert [row["epoch"] for row in metrics(tmp_path)] == ["1", "2"]
 
 
 def test_a_second_sigterm_stops_at_once_with_its_own_code(tmp_path, monkeypatch, capsys):
