@@ -229,40 +229,56 @@ def collect(args, runs: list[sweep.Run],
         if run in untabulated or not os.path.exists(os.path.join(out_dir, "summary.json")):
             problems.append(f"{out_dir}: {untabulated.get(run, 'missing')}")
             continue
-        try:
-            record = run_record(out_dir, run.seed)
-        except (OSError, ValueError, LookupError, TypeError) as error:
-            problems.append(f"{out_dir}: its summary.json or metrics.csv cannot be read "
-                            f"({type(error).__name__}); move the directory aside to train it again")
-            continue
-        entry = results.setdefault(run.key(), {"final": [], "best": [], "runs": []})
-        entry["final"].append(record["final"])
-        entry["best"].append(record["best"])
-        entry["runs"].append(record)
+        record = {"seed": run.seed}
+        for name, figures in (("summary.json", summary_figures), ("metrics.csv", metrics_figures)):
+            try:
+                record.update(figures(out_dir))
+            except (OSError, ValueError, LookupError, TypeError) as error:
+                problems.append(f"{out_dir}: its {name} cannot be read ({type(error).__name__}); "
+                                f"move the directory aside to train it again")
+                break
+        else:
+            entry = results.setdefault(run.key(), {"final": [], "best": [], "runs": []})
+            entry["final"].append(record["final"])
+            entry["best"].append(record["best"])
+            entry["runs"].append(record)
     return results, problems
 
 
 def run_record(out_dir: str, seed: int) -> dict:
-    """A finished run's figures: the headline and the paper's convention; where the run wrote them,
-    the student ensemble's final accuracy, the number of test images, the median images/s over
-    the epochs and, after the ramp-up (r(ep) = 1), the lowest logit norm and test accuracy of the
-    deployed model (the health check's collapse watch)."""
+    """A finished run's figures (summary_figures, metrics_figures) and its seed."""
+    return {"seed": seed, **summary_figures(out_dir), **metrics_figures(out_dir)}
+
+
+def summary_figures(out_dir: str) -> dict:
+    """From summary.json: the headline and the paper's convention; where the run recorded them, the
+    student ensemble's final accuracy and the number of test images."""
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
-    record = {"seed": seed, "final": report.headline(summary),
-              "best": summary["paper_convention_best_peer_best_epoch"]["acc"],
-              "ensemble": summary.get("final", {}).get("acc_student_ensemble"),
-              "test_images": summary.get("test_images")}
-    metrics = os.path.join(out_dir, "metrics.csv")
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            rows = list(csv.DictReader(f))
-        record["images_per_s"] = statistics.median(float(row["images_per_s"]) for row in rows)
-        ramped = [row for row in rows if float(row["rampup"]) >= 1.0 and row["acc_deployed_mean"]]
-        if ramped:
-            record["lowest_logit_norm"] = min(float(row["logit_norm"]) for row in ramped)
-            record["lowest_acc"] = min(float(row["acc_deployed_mean"]) for row in ramped)
-    return record
+    return {"final": report.headline(summary),
+            "best": summary["paper_convention_best_peer_best_epoch"]["acc"],
+            "ensemble": summary.get("final", {}).get("acc_student_ensemble"),
+            "test_images": summary.get("test_images")}
+
+
+def metrics_figures(out_dir: str) -> dict:
+    """From metrics.csv, where the run wrote them: the median images/s over the epochs and, after
+    the ramp-up (r(ep) = 1), the lowest logit norm and test accuracy of the deployed model (the
+    health check's collapse watch)."""
+    path, figures = os.path.join(out_dir, "metrics.csv"), {}
+    if not os.path.exists(path):
+        return figures
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    speeds = [float(row["images_per_s"]) for row in rows if row.get("images_per_s")]
+    if speeds:
+        figures["images_per_s"] = statistics.median(speeds)
+    ramped = [row for row in rows if row.get("rampup") and float(row["rampup"]) >= 1.0
+              and row.get("logit_norm") and row.get("acc_deployed_mean")]
+    if ramped:
+        figures["lowest_logit_norm"] = min(float(row["logit_norm"]) for row in ramped)
+        figures["lowest_acc"] = min(float(row["acc_deployed_mean"]) for row in ramped)
+    return figures
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -646,8 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bar_chart(args, results, f"{base}.png")
     written = f"{base}.md and {base}.png"
-    if compares_with_baseline(args):
-        paired_chart(method_entries(args, results), f"{base}_paired.png")
+    entries = method_entries(args, results) if compares_with_baseline(args) else {}
+    if entries:  # some run has finished
+        paired_chart(entries, f"{base}_paired.png")
         written = f"{base}.md, {base}.png and {base}_paired.png"
     print(text)
     print(f"wrote {written}")
