@@ -75,7 +75,7 @@ def test_paper_tables_agree_where_they_repeat_a_run():
 
 
 def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
-    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "pcl", "dkel",
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
             "--seeds", "0", "1", "--epochs", "1", "--runs-dir", str(tmp_path), *TINY_TRAINING]
     assert compare.main(argv) == 0
     finals = []
@@ -92,7 +92,7 @@ def test_table_from_tiny_runs_and_a_missing_run(tmp_path, capsys):
                             "--runs-dir", str(tmp_path)]
     assert compare.main([*read_only, *TINY_TRAINING]) == 1
     table = (tmp_path / "table1_synthetic.md").read_text()
-    assert f"{os.path.join(str(tmp_path), 'synthetic_resnet8_pcl_seed7')}: missing" in table
+    assert f"{os.path.join(str(tmp_path), 'synthetic_resnet8_baseline_seed7')}: missing" in table
     assert "(n=1)" in table
 
 

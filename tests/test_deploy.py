@@ -47,7 +47,7 @@ def isolated(tmp_path, program, images_and_labels):
                                    ("--precision", "fp32", "--val-size", "64", "--epochs", "2")])
 def test_the_program_alone_scores_the_summary_figure_at_any_batch_size(tmp_path, flags):
     out_dir = tmp_path / "run"
-    assert train.main(["--dataset", "synthetic", "--arch", "resnet8", "--batch-size", "32",
+    assert train.main(["--dataset", "synthetic", "--arch", "resnet8", "--batch-size", "64",
                        "--ema-decay", "0.9", "--device", "cpu", "--out-dir", str(out_dir),
                        *flags]) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
