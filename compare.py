@@ -459,13 +459,21 @@ def differences(records: list[dict], baseline: list[dict]) -> list[float]:
     return [record["final"] - base[record["seed"]] for record in records if record["seed"] in base]
 
 
-def binomial_error(records: list[dict]) -> str:
-    """The binomial standard error of one accuracy at the records' mean, on their test images."""
+def standard_error(records: list[dict]) -> tuple[int, float, float] | None:
+    """(test images n, mean accuracy p, the binomial standard error of one accuracy p on n images
+    in points), or None when the runs do not record n."""
     sizes = {record["test_images"] for record in records if record.get("test_images")}
     if not sizes:
-        return "the runs do not record their number of test images (summary.json test_images)"
+        return None
     n, p = max(sizes), statistics.fmean(record["final"] for record in records) / 100
-    error = 100 * math.sqrt(p * (1 - p) / n)
+    return n, p, 100 * math.sqrt(p * (1 - p) / n)
+
+
+def binomial_error(records: list[dict]) -> str:
+    """The binomial standard error of one accuracy at the records' mean, on their test images."""
+    if standard_error(records) is None:
+        return "the runs do not record their number of test images (summary.json test_images)"
+    n, p, error = standard_error(records)
     return (f"binomial standard error of one accuracy of {100 * p:.1f}% on {n} test images: "
             f"{error:.2f} points ({error * math.sqrt(2):.2f} for the difference of two "
             f"independent ones)")
@@ -586,19 +594,18 @@ def paired_chart(entries: dict, path: str) -> None:
             compared = [(label, differences(records, baseline))
                         for label, records in methods.items() if label != METHODS["baseline"].label]
             compared = [(label, d) for label, d in compared if d]
-            sizes = [record["test_images"] for record in baseline if record.get("test_images")]
-            if sizes and compared:
-                p = statistics.fmean(record["final"] for record in baseline) / 100
-                band = 1.96 * math.sqrt(2) * 100 * math.sqrt(p * (1 - p) / max(sizes))
-                ax.axhspan(-band, band, color="lightgrey",
-                           label=f"binomial 95% ({max(sizes)} test images)")
+            error = standard_error(baseline) if compared else None
+            if error:
+                n, _, one = error
+                band = 1.96 * math.sqrt(2) * one
+                ax.axhspan(-band, band, color="lightgrey", label=f"binomial 95% ({n} test images)")
             for x, (label, d) in enumerate(compared):
                 ax.plot([x] * len(d), d, "o", color=f"C{x % 10}", alpha=0.7)
                 ax.plot([x], [statistics.fmean(d)], "k_", markersize=24, markeredgewidth=2)
             ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
             ax.set_xticks(range(len(compared)), [label for label, _ in compared], fontsize=8)
             ax.set_title(f"{dataset} {arch}", fontsize=10)
-            if sizes and compared:
+            if error:
                 ax.legend(fontsize=8)
         axes[0].set_ylabel("final top-1 % minus the baseline's,\nsame seed (points; bar: mean)")
 
