@@ -9,7 +9,7 @@ every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list`
 
 This file is what the paper's tables and figures are and how they are drawn; the grid of runs
 and their training (the runs made otherwise, `--retrain-mismatched`, `--gpus`, stop signals) are
-sweep.py's."""
+sweep.py's, and the statistics of each method against the baseline seed by seed are paired.py's."""
 import sys
 
 # Before any other import: this code needs Python 3.10 (`X | None` annotations, evaluated when the
@@ -29,6 +29,7 @@ import os
 import statistics
 from typing import NamedTuple
 
+import paired
 import report
 import rundir
 import sweep
@@ -281,14 +282,6 @@ def metrics_figures(out_dir: str) -> dict:
     return figures
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def cell(mean: float, std: float | None) -> str:
-    return f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
-
-
 def layout(args):
     """Corner label, rows and columns ((id, label) each), a cell's run key. Tables 1-3: a row per
     data set and network, a column per method; Table 4, Figs. 6-7: a row per setting (as the
@@ -353,8 +346,8 @@ def notes(args) -> list[str]:
 def table_cell(ours: dict | None, stat: str, paper: tuple[float, float | None] | None) -> str:
     """Our mean ± std over the seeds and their count ("—" before any finished), the paper's
     number in brackets where it has one."""
-    text = f"{cell(*mean_std(ours[stat]))} (n={len(ours[stat])})" if ours else "—"
-    return f"{text} ({cell(*paper)})" if paper else text
+    text = f"{paired.cell(*paired.mean_std(ours[stat]))} (n={len(ours[stat])})" if ours else "—"
+    return f"{text} ({paired.cell(*paper)})" if paper else text
 
 
 def markdown(args, results: dict, problems: list[str]) -> str:
@@ -374,7 +367,7 @@ def markdown(args, results: dict, problems: list[str]) -> str:
             lines.append(f"| {row_label} | " + " | ".join(cells) + " |")
         lines.append("")
     if compares_with_baseline(args):
-        lines += seed_by_seed(args, method_entries(args, results))
+        lines += paired.seed_by_seed(method_entries(args, results))
     lines += notes(args)
     lines += ["## Missing or failed runs", ""]
     lines += [f"- {problem}" for problem in problems] or ["none"]
@@ -382,52 +375,7 @@ def markdown(args, results: dict, problems: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- seed by seed
-def t_quantile(dof: int, coverage: float = 0.95) -> float:
-    """The two-sided quantile q of Student's t with `dof` degrees of freedom, P(|T| < q) =
-    `coverage`: bisection on the density's integral (Simpson's rule)."""
-    scale = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-
-    def density(x: float) -> float:
-        return scale * (1 + x * x / dof) ** (-(dof + 1) / 2)
-
-    def mass(q: float, steps: int = 2000) -> float:  # P(|T| < q)
-        h = q / steps
-        odd = sum(density((2 * k - 1) * h) for k in range(1, steps // 2 + 1))
-        even = sum(density(2 * k * h) for k in range(1, steps // 2))
-        return 2 * h / 3 * (density(0.0) + 4 * odd + 2 * even + density(q))
-
-    low, high = 0.0, 100.0
-    for _ in range(50):
-        middle = (low + high) / 2
-        if mass(middle) < coverage:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
-
-
-def paired_t(differences: list[float]) -> float | None:
-    """The paired t statistic mean(d) / (std(d) / sqrt(n)) of per-seed differences; None for
-    fewer than two."""
-    if len(differences) < 2:
-        return None
-    mean, std = statistics.fmean(differences), statistics.stdev(differences)
-    if std == 0.0:
-        return math.copysign(math.inf, mean) if mean else 0.0
-    return mean / (std / math.sqrt(len(differences)))
-
-
-def verdict(differences: list[float]) -> str:
-    """Whether a method's mean difference from the baseline stands out of the seed noise: |t|
-    above the two-sided 5% quantile of Student's t with n - 1 degrees of freedom."""
-    t = paired_t(differences)
-    if t is None:
-        return "one seed: no test"
-    if abs(t) <= t_quantile(len(differences) - 1):
-        return "within the seed noise"
-    return "stands out: better" if t > 0 else "stands out: worse"
-
-
+# The section's statistics and text are paired.py's; here, which runs it reads.
 def compares_with_baseline(args) -> bool:
     """Tables 1-3 with the baseline and another method (or --paired-runs-dir)."""
     others = [m for m in args.methods if m != "baseline"] or args.paired_runs_dir
@@ -451,79 +399,6 @@ def method_entries(args, results: dict) -> dict[tuple[str, str], dict[str, list[
                 label = f"{METHODS[method].label} ({name})"
                 entries.setdefault((dataset, arch), {})[label] = records
     return entries
-
-
-def differences(records: list[dict], baseline: list[dict]) -> list[float]:
-    """A method's final accuracy minus the baseline's, seed by seed (the seeds both finished)."""
-    base = {record["seed"]: record["final"] for record in baseline}
-    return [record["final"] - base[record["seed"]] for record in records if record["seed"] in base]
-
-
-def standard_error(records: list[dict]) -> tuple[int, float, float] | None:
-    """(test images n, mean accuracy p, the binomial standard error of one accuracy p on n images
-    in points), or None when the runs do not record n."""
-    sizes = {record["test_images"] for record in records if record.get("test_images")}
-    if not sizes:
-        return None
-    n, p = max(sizes), statistics.fmean(record["final"] for record in records) / 100
-    return n, p, 100 * math.sqrt(p * (1 - p) / n)
-
-
-def binomial_error(records: list[dict]) -> str:
-    """The binomial standard error of one accuracy at the records' mean, on their test images."""
-    if standard_error(records) is None:
-        return "the runs do not record their number of test images (summary.json test_images)"
-    n, p, error = standard_error(records)
-    return (f"binomial standard error of one accuracy of {100 * p:.1f}% on {n} test images: "
-            f"{error:.2f} points ({error * math.sqrt(2):.2f} for the difference of two "
-            f"independent ones)")
-
-
-def details(label: str, records: list[dict]) -> str:
-    """A method's row of the details table: its seeds, the mean ± std of its final deployed and
-    student-ensemble accuracies, the mean over its runs of their median images/s and, over its
-    runs, the lowest logit norm and test accuracy after the ramp-up ("—" where not recorded)."""
-    def values(key: str) -> list[float]:
-        return [record[key] for record in records if record.get(key) is not None]
-
-    def spread(key: str) -> str:
-        return cell(*mean_std(values(key))) if values(key) else "—"
-
-    def number(key: str, reduce, digits: int) -> str:
-        return f"{reduce(values(key)):.{digits}f}" if values(key) else "—"
-
-    seeds = " ".join(str(record["seed"]) for record in records)
-    return (f"| {label} | {seeds} | {spread('final')} | {spread('ensemble')} | "
-            f"{number('images_per_s', statistics.fmean, 0)} | "
-            f"{number('lowest_logit_norm', min, 3)} | {number('lowest_acc', min, 1)} |")
-
-
-def seed_by_seed(args, entries: dict) -> list[str]:
-    """Tables 1-3 with the baseline among the methods: each method's per-seed difference from the
-    baseline, its paired t and verdict; each method's student ensemble, speed and health."""
-    lines = ["## Against the baseline, seed by seed (final epoch, deployed model)", "",
-             "d = the method's final accuracy minus the baseline's on the same seed, in points; "
-             "t = mean(d) / (std(d) / √n); a difference stands out of the seed noise when |t| "
-             "exceeds the two-sided 5% quantile of Student's t with n - 1 degrees of freedom.", ""]
-    for (dataset, arch), methods in entries.items():
-        baseline = methods.get(METHODS["baseline"].label, [])
-        lines += [f"### {dataset} {arch}", "", f"Baseline: {binomial_error(baseline)}.", "",
-                  "| method | d per seed | mean ± std | t (5% quantile) | verdict |",
-                  "|---|---|---|---|---|"]
-        for label, records in methods.items():
-            d = differences(records, baseline)
-            if label == METHODS["baseline"].label or not d:
-                continue
-            t = paired_t(d)
-            quantile = f"{t:.2f} ({t_quantile(len(d) - 1):.2f})" if t is not None else "—"
-            lines.append(f"| {label} | {' '.join(f'{v:+.2f}' for v in d)} | "
-                         f"{cell(*mean_std(d))} | {quantile} | {verdict(d)} |")
-        lines += ["", "| method | seeds | deployed, final | student ensemble, final | images/s "
-                  "(median epoch) | lowest logit norm after ramp-up | lowest test % after ramp-up "
-                  "|", "|---|---|---|---|---|---|---|"]
-        lines += [details(label, records) for label, records in methods.items()]
-        lines.append("")
-    return lines
 
 
 # ----------------------------------------------------------------------------- figures
@@ -563,7 +438,7 @@ def bar_chart(args, results: dict, path: str) -> None:
             for k, (s, label) in enumerate(series):
                 xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
                 runs = [results.get(key(dataset, g, s), {"final": []})["final"] for g, _ in groups]
-                stats = [mean_std(finals) if finals else (math.nan, None) for finals in runs]
+                stats = [paired.mean_std(finals) if finals else (math.nan, None) for finals in runs]
                 means = [mean for mean, _ in stats]
                 stds = [std or math.nan for _, std in stats]
                 ax.bar(xs, means, width, yerr=stds, capsize=2, label=label,
@@ -591,10 +466,10 @@ def paired_chart(entries: dict, path: str) -> None:
     with panels(path, len(entries), 1.5 + 1.2 * max(len(m) for m in entries.values())) as axes:
         for ax, ((dataset, arch), methods) in zip(axes, entries.items()):
             baseline = methods.get(METHODS["baseline"].label, [])
-            compared = [(label, differences(records, baseline))
+            compared = [(label, paired.differences(records, baseline))
                         for label, records in methods.items() if label != METHODS["baseline"].label]
             compared = [(label, d) for label, d in compared if d]
-            error = standard_error(baseline) if compared else None
+            error = paired.standard_error(baseline) if compared else None
             if error:
                 n, _, one = error
                 band = 1.96 * math.sqrt(2) * one

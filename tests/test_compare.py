@@ -8,6 +8,7 @@ import signal
 import pytest
 
 import compare
+import paired
 import sweep
 from conftest import TINY_TRAINING, finished_by_hand
 
@@ -261,7 +262,7 @@ def test_list_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dof,quantile", [(1, 12.706), (2, 4.303), (10, 2.228), (1000, 1.962)])
 def test_t_quantile_matches_the_statistical_tables(dof, quantile):
-    assert compare.t_quantile(dof) == pytest.approx(quantile, abs=2e-3)
+    assert paired.t_quantile(dof) == pytest.approx(quantile, abs=2e-3)
 
 
 @pytest.mark.parametrize("differences,t,verdict", [
@@ -270,8 +271,8 @@ def test_t_quantile_matches_the_statistical_tables(dof, quantile):
     ([-2.1, -1.9, -2.0], -2 / (0.1 / 3 ** 0.5), "stands out: worse"),
     ([0.5], None, "one seed: no test")])
 def test_paired_t_and_verdict_by_hand(differences, t, verdict):
-    assert compare.paired_t(differences) == (None if t is None else pytest.approx(t))
-    assert compare.verdict(differences) == verdict
+    assert paired.paired_t(differences) == (None if t is None else pytest.approx(t))
+    assert paired.verdict(differences) == verdict
 
 
 def seed_run_by_hand(runs_dir, method, seed, final, ensemble, metrics_rows):
