@@ -39,6 +39,7 @@ processes ("ranks"; N is the world size) train one run together:
   world size (rundir.check_world_size).
 """
 import contextlib
+import inspect
 import os
 import sys
 from dataclasses import replace
@@ -183,8 +184,18 @@ def prepare(method, args) -> None:
     # The same forward, its gradients averaged over the ranks. Buffers are not broadcast at every
     # step: training reads no running statistic (end_of_epoch).
     method.training_forward = DistributedDataParallel(
-        TrainingForward(trained, method.training_forward), broadcast_buffers=False,
+        TrainingForward(trained, method.training_forward), **no_buffer_sync(),
         device_ids=[device] if device.type == "cuda" else None)
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP's flag for "no buffer broadcast before each forward": forward_sync_buffers=False where
+    DDP has it (torch 2.13 and 2.14 do, and warn on every run that broadcast_buffers is
+    deprecated), broadcast_buffers=False in older releases. The new flag also broadcasts the
+    buffers once at the start, a no-op here: `prepare` has just broadcast rank 0's."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class ViewSyncBatchNorm2d(PerViewStatistics, nn.SyncBatchNorm):

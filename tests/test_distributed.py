@@ -128,6 +128,7 @@ def test_torchrun_run_writes_one_run_directory(straight):
     assert [row["epoch"] for row in read_metrics(out_dir)] == ["1", "2"]
     # Rank 0 only.
     assert result.stdout.count("epoch 1/2 ") == 1 and result.stdout.count("headline") == 1
+    assert "FutureWarning" not in result.stderr  # DDP's flags are the current release's
 
 
 def test_teacher_and_student_are_identical_on_every_rank(straight):
