@@ -21,6 +21,7 @@ if sys.version_info < (3, 10):
                      "with a newer python (README, Quick start)\n" % sys.version_info[:2])
     sys.exit(2)
 
+import gc
 import os
 import time
 
@@ -253,6 +254,17 @@ def save_epoch(args, method, optimizer, scheduler, state: dict, config: dict) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
+    code = run(args)
+    # A stop's exception holds the run's frames in a reference cycle (the method, and under
+    # torchrun DDP's reducer with its process group): freed now, while the interpreter is whole,
+    # rather than in its shutdown, where a stopped torchrun rank here once aborted (SIGABRT)
+    # after its exit code was set.
+    gc.collect()
+    return code
+
+
+def run(args) -> int:
+    """train(args) with its summary table; a stop, as one line and the exit code."""
     try:
         with distributed.session(args), STOP:  # torchrun's process group, the run-directory lock
             print(report.summary_table(train(args)))

@@ -36,7 +36,8 @@ FLAGS = ["--dataset", "synthetic", "--arch", "resnet8", "--epochs", "2", "--batc
 # rank 1 die at the start of that epoch (0-based), as a killed or crashed process does, and with
 # SIGTERM_AT_STEP set sends rank 1 alone a SIGTERM in its optimizer step of that number (1-based).
 # Each rank writes its exit code to <out-dir>.rank<r>.exit (torchrun's report may show a signal
-# instead for a rank that it stops while that rank's interpreter shuts down).
+# instead for a rank that it stops while that rank's interpreter shuts down), and to
+# <out-dir>.rank<r>.alive the number of DDP modules still alive once train.main has returned.
 WORKER = """
 import os, signal, sys
 import torch
@@ -80,6 +81,10 @@ except SystemExit as stop:  # the ranks other than 0 leave through SystemExit (d
     code = stop.code
 with open(f"{os.environ['OUT_DIR']}.rank{rank}.exit", "w") as f:
     f.write(str(code))
+import gc
+from torch.nn.parallel import DistributedDataParallel
+with open(f"{os.environ['OUT_DIR']}.rank{rank}.alive", "w") as f:
+    f.write(str(sum(type(o) is DistributedDataParallel for o in gc.get_objects())))
 sys.exit(code)
 """
 
@@ -173,6 +178,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_co
     out_dir, small = tmp_path / "run", {"TRAIN_IMAGES": 96, "TEST_IMAGES": 1}
     stopped = torchrun(out_dir, "--batch-size", "8", SIGTERM_AT_STEP=14, **small)
     assert [(out_dir.parent / f"run.rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"]
+    # Nothing of the stopped run (DDP's reducer, its process group) is left to the interpreter's
+    # shutdown, where torch's teardown once aborted a rank (SIGABRT).
+    assert [(out_dir.parent / f"run.rank{r}.alive").read_text() for r in (0, 1)] == ["0", "0"]
     # Rank 0's line.
     assert "error: stopped by SIGTERM: the 1 finished epoch(s) are saved" in stopped.stderr
     assert "exitcode  : 143" in stopped.stderr  # torchrun's report names the ranks' code
