@@ -264,17 +264,40 @@ def train_in_process(argv: list[str]) -> Ended:
 
 def train_in_turn(argvs: list[list[str]]) -> tuple[list[Ended], int | None]:
     """The runs one after another in this process; how each ended, and the code of a run that
-    SIGINT or SIGTERM stopped (130, 143), at which the sweep ends. A Ctrl-C between two runs
-    (train.py takes it within one) ends the sweep too."""
+    SIGINT or SIGTERM stopped (130, 143), at which the sweep ends. A Ctrl-C or a SIGTERM between
+    two runs (train.py takes them within one) ends the sweep too."""
     ends = []
     try:
-        for argv in argvs:
-            ends.append(train_in_process(argv))
-            if ends[-1].code in STOP_CODES:
-                return ends, ends[-1].code
-    except KeyboardInterrupt:
-        return ends, rundir.EXIT_INTERRUPTED
+        with terminate_as_interrupt():
+            for argv in argvs:
+                ends.append(train_in_process(argv))
+                if ends[-1].code in STOP_CODES:
+                    return ends, ends[-1].code
+    except KeyboardInterrupt as stop:
+        return ends, getattr(stop, "exit_code", rundir.EXIT_INTERRUPTED)
     return ends, None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no run holds the signals (between two runs, or while train.py starts): a
+    KeyboardInterrupt, as Ctrl-C there, with exit code 143."""
+    exit_code = rundir.EXIT_TERMINATED
+
+    def __init__(self):
+        super().__init__("stopped by SIGTERM")
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises Terminated instead of ending the process without a word."""
+    def raise_terminated(number, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def launch_on_gpu(argv: list[str], gpu: str) -> tuple[subprocess.Popen, str, int]:

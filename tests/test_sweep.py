@@ -391,20 +391,24 @@ def test_a_stop_while_a_run_writes_its_summary_ends_the_sequential_sweep(tmp_pat
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_a_ctrl_c_between_two_runs_ends_the_sequential_sweep(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("number,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_between_two_runs_ends_the_sequential_sweep(tmp_path, monkeypatch, capsys,
+                                                                  number, code):
     calls = []
 
     def finished_then_interrupted(argv):
         calls.append(argv)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the run returns, before the next starts
+        os.kill(os.getpid(), number)  # as the run returns, before the next starts
         return 0
 
     monkeypatch.setattr(sweep.train, "main", finished_then_interrupted)
     argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
             "--seeds", "0", "--runs-dir", str(tmp_path)]
     try:
-        code = compare.main(argv)
+        ended_with = compare.main(argv)
     except KeyboardInterrupt:  # a traceback to the user
-        code = "KeyboardInterrupt"
-    assert code == 130 and len(calls) == 1
-    assert "stopped by SIGINT: 2 of the 2 runs have not finished" in capsys.readouterr().err
+        ended_with = "KeyboardInterrupt"
+    assert ended_with == code and len(calls) == 1
+    name = signal.Signals(number).name
+    assert f"stopped by {name}: 2 of the 2 runs have not finished" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
