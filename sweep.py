@@ -341,7 +341,8 @@ def train_parallel(argvs: list[list[str]], gpus: list[str],
     started). SIGTERM or SIGINT ends the launches and is passed on to every running child (train.py
     stops at the end of its step, its finished epochs saved; a second signal stops it at once); the
     children are waited for, and the second value is then the first signal's exit code (128 + its
-    number)."""
+    number). A child stopped by a signal that reached it alone (exit code 130 or 143) ends the
+    sweep in the same way, as a stopped run ends a sequential one."""
     # The places to run in, the GPUs in turn: fewer runs than places still spread over every GPU.
     slots = [(gpu, k) for k in range(runs_per_gpu) for gpu in gpus]
     ends, waiting, running = [None] * len(argvs), list(enumerate(argvs)), {}
@@ -361,6 +362,8 @@ def train_parallel(argvs: list[list[str]], gpus: list[str],
                     output = output_since(log, start) if child.returncode else ""
                     ends[index] = ended(argvs[index], child.returncode, output, f"GPU {slot[0]}: ")
                     del running[slot]
+                    if child.returncode in STOP_CODES and not received:  # a signal to it alone
+                        received.append(child.returncode - 128)
             if running:
                 time.sleep(POLL_SECONDS)
     return ends, (128 + received[0] if received else None)

@@ -343,6 +343,26 @@ def test_gpus_pass_a_stop_signal_on_to_their_children(tmp_path, stand_in_childre
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL         # the handler is put back
 
 
+def test_a_child_stopped_by_a_signal_of_its_own_ends_the_gpus_sweep(tmp_path, stand_in_children,
+                                                                    monkeypatch, capsys):
+    class OneTerminatedAlone(StandInChild):
+        seconds = 60.0
+
+        def poll(self):  # `kill` of the first child alone, while the second trains
+            if self is self.started[0] and len(self.started) == 2 and not self.signals:
+                self.signals.append(signal.SIGTERM)  # it stops with 143, no signal to compare.py
+            return super().poll()
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", OneTerminatedAlone)
+    argv = ["--dataset", "synthetic", "--archs", "resnet8", "--methods", "baseline", "dkel",
+            "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--gpus", "3", "5"]
+    assert compare.main(argv) == 143
+    children = stand_in_children.started
+    assert len(children) == 2                                   # no third run started
+    assert children[1].signals == [signal.SIGTERM]              # the stop passed on to the other
+    assert "4 of the 4 runs have not finished" in capsys.readouterr().err
+
+
 def test_gpus_pass_on_a_second_ctrl_c_that_comes_while_the_first_is_passed_on(
         tmp_path, stand_in_children, monkeypatch, capsys):
     pressed = []
