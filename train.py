@@ -255,11 +255,12 @@ def save_epoch(args, method, optimizer, scheduler, state: dict, config: dict) ->
 def main(argv: list[str] | None = None) -> int:
     args = resolve_args(argv)
     code = run(args)
-    # A stop's exception holds the run's frames in a reference cycle (the method, and under
-    # torchrun DDP's reducer with its process group): freed now, while the interpreter is whole,
-    # rather than in its shutdown, where a stopped torchrun rank here once aborted (SIGABRT)
-    # after its exit code was set.
-    gc.collect()
+    if code:
+        # A stop's exception holds the run's frames in a reference cycle (the method, and under
+        # torchrun DDP's reducer with its process group): freed now, while the interpreter is
+        # whole, rather than in its shutdown, where a stopped torchrun rank here once aborted
+        # (SIGABRT) after its exit code was set.
+        gc.collect()
     return code
 
 
