@@ -3,6 +3,7 @@ written by hand), missing runs listed, the paper's numbers, --list / --cell. How
 the grid (--gpus, runs made otherwise, stops) is tests/test_sweep.py's."""
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -314,3 +315,19 @@ def test_seed_by_seed_section_pairs_each_method_with_the_baseline(tmp_path, caps
     assert "| DKEL | 0 1 | 62.50±2.12 | 64.00±1.41 | 200 | 2.500 | 55.0 |" in table
     assert "| Baseline | 0 1 | 61.00±1.41 | — | 200 | 2.500 | 55.0 |" in table
     assert (main / "table1_synthetic_paired.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_evidence_tables_re_render_from_their_committed_run_records(tmp_path, capsys):
+    """docs/evidence.md: its last compare.py command, on the committed run records, writes the
+    committed table."""
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    shutil.copytree(os.path.join(docs, "evidence_runs"), tmp_path / "runs")
+    text = open(os.path.join(docs, "evidence.md"), encoding="utf-8").read()
+    command = [line for line in text.splitlines() if line.startswith("python compare.py")][-1]
+    argv = command.split()[2:]
+    argv[argv.index("--runs-dir") + 1] = str(tmp_path / "runs" / "evidence")
+    argv[argv.index("--paired-runs-dir") + 1] = str(tmp_path / "runs" / "evidence_lrpp")
+    assert compare.main(argv) == 0
+    written = (tmp_path / "runs" / "evidence" / "table1_imagefolder.md").read_text()
+    committed = os.path.join(docs, "evidence_runs", "evidence", "table1_imagefolder.md")
+    assert written == open(committed, encoding="utf-8").read()
