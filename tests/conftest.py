@@ -1,5 +1,6 @@
 """Make the flat top-level modules importable from tests/, keep the tests on 2 CPU threads, and
 share the tiny synthetic data set of the end-to-end tests and a finished run made by hand."""
+import functools
 import json
 import os
 import sys
@@ -20,8 +21,18 @@ REAL_LOAD = datasets.load_data
 
 
 def tiny_data(name, data_dir, device, seed=0):
-    """256 training and 128 test images of the synthetic set (keeps each epoch about a second)."""
-    full = REAL_LOAD("synthetic", data_dir, device, seed)
+    """256 training and 128 test images of the synthetic set (keeps each epoch about a second),
+    each run's own copy."""
+    tiny = tiny_synthetic(str(device), seed)
+    return replace(tiny, **{field: getattr(tiny, field).clone() for field in
+                            ("train_images", "train_labels", "test_images", "test_labels")})
+
+
+@functools.cache
+def tiny_synthetic(device: str, seed: int):
+    """The tiny set, drawn once per device and seed (drawing the whole synthetic set takes most of
+    a second, and the end-to-end tests start about a hundred runs)."""
+    full = REAL_LOAD("synthetic", ".", device, seed)
     return replace(full, train_images=full.train_images[:256], train_labels=full.train_labels[:256],
                    test_images=full.test_images[:128], test_labels=full.test_labels[:128])
 
