@@ -92,9 +92,10 @@ def standard_error(records: list[dict]) -> tuple[int, float, float] | None:
 
 def binomial_error(records: list[dict]) -> str:
     """The binomial standard error of one accuracy at the records' mean, on their test images."""
-    if standard_error(records) is None:
+    known = standard_error(records)
+    if known is None:
         return "the runs do not record their number of test images (summary.json test_images)"
-    n, p, error = standard_error(records)
+    n, p, error = known
     return (f"binomial standard error of one accuracy of {100 * p:.1f}% on {n} test images: "
             f"{error:.2f} points ({error * math.sqrt(2):.2f} for the difference of two "
             f"independent ones)")
