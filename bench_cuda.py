@@ -46,9 +46,9 @@ import bench_data
 import bench_train
 import cli
 import data as datasets
-import rundir
 import train
 from backbones import ARCHS
+from infra import rundir
 from models import build_deployable
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -59,7 +59,7 @@ PAPER_EPOCHS, PAPER_STEPS, TABLE1_RUNS = 300, 390, 270   # Sec. 4.2 (50,000 / 12
 FULL_WEIGHTS = {"rampup": 1.0, "ensemble_weight": 0.5}  # r(ep), w(ep): every term of Eq. (12) counts
 PAY = 1.1   # a further run per GPU pays when it adds at least 10% to the throughput
 # torchrun's epoch-1 loss within 10% of the one-GPU run's: with --sync-bn the two compute the
-# same steps up to rounding (distributed.py); per-rank BatchNorm statistics, without it, made
+# same steps up to rounding (infra/distributed.py); per-rank BatchNorm statistics, without it, made
 # them 31% apart on the CPU (gloo, resnet8). Our choice, not yet measured on GPUs.
 LOSS_AGREEMENT = 0.10
 

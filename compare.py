@@ -9,7 +9,7 @@ every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list`
 
 This file is what the paper's tables and figures are and how they are drawn; the grid of runs
 and their training (the runs made otherwise, `--retrain-mismatched`, `--gpus`, stop signals) are
-sweep.py's, and the statistics of each method against the baseline seed by seed are paired.py's."""
+infra/sweep.py's, and the statistics of each method against the baseline seed by seed are infra/paired.py's."""
 import sys
 
 # Before any other import: this code needs Python 3.10 (`X | None` annotations, evaluated when the
@@ -29,15 +29,13 @@ import os
 import statistics
 from typing import NamedTuple
 
-import paired
-import report
-import rundir
-import sweep
 from backbones import ARCHS
 from cli import METHODS, HelpFormatter, Parser
 from data import DATASETS
 from losses import DECAYS
-from report import pyplot
+# The machinery beyond the paper (infra/): the grid of runs, their records and the statistics.
+from infra import paired, report, rundir, sweep
+from infra.report import pyplot
 
 CIFAR = ("cifar10", "cifar100")
 
@@ -375,7 +373,7 @@ def markdown(args, results: dict, problems: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- seed by seed
-# The section's statistics and text are paired.py's; here, which runs it reads.
+# The section's statistics and text are infra/paired.py's; here, which runs it reads.
 def compares_with_baseline(args) -> bool:
     """Tables 1-3 with the baseline and another method (or --paired-runs-dir)."""
     others = [m for m in args.methods if m != "baseline"] or args.paired_runs_dir

@@ -62,7 +62,7 @@ class ImageData:
     # (N_val, 3, H, W) uint8 held out of training (--val-size)
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None  # (N_val,) int64
-    # The name of each class, by label (the exported deployed model records them: deploy.py).
+    # The name of each class, by label (the exported deployed model records them: infra/deploy.py).
     classes: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -144,7 +144,7 @@ def train_batches(data: ImageData, batch_size: int, num_views: int, generator: t
 
     All randomness (shuffle, crops, flips) comes from `generator`, which must live on
     `data.device`, so the same generator state gives the same epoch.
-    `part` = (rank, N) of a torchrun run (distributed.py): every global batch of `batch_size` is
+    `part` = (rank, N) of a torchrun run (infra/distributed.py): every global batch of `batch_size` is
     drawn as one process draws it and only its rows [rank * B/N, (rank + 1) * B/N) are made, so the
     N ranks' slices together are exactly the one-process batch (N must divide `batch_size`).
     """

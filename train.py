@@ -9,8 +9,8 @@ student (models.py) and its teacher (ema.py), PCL, DK or DKEL (methods.py) or a 
 the student's SGD step on Eq. (2) or Eq. (12) (losses.py) followed by the teacher's Eq. (5), and
 the evaluation of every student peer, the student ensemble, every teacher peer and the teacher
 ensemble (docs/spec.md Sec. 4). Each piece of infrastructure is one named call: the command line
-(cli.py), the run directory and its checkpoints (rundir.py), the report (report.py), torchrun
-(distributed.py), the stop signals (`STOP`) and the precision (`autocast`).
+(cli.py), the run directory and its checkpoints (infra/rundir.py), the report (infra/report.py), torchrun
+(infra/distributed.py), the stop signals (`STOP`) and the precision (`autocast`).
 """
 import sys
 
@@ -29,21 +29,20 @@ import torch
 from tqdm import tqdm
 
 import data as datasets
-import distributed
-import report
-import rundir
 from baselines import KD, Baseline
 from cli import METHODS, resolve_args
 from ema import IndependentTeacher
 from losses import authors_rampup, authors_weight_cutoff, decay_weight, rampup
 from methods import DK, DKEL, PCL
 from models import multi_peer_net
+# The machinery beyond the paper (infra/): torchrun, the report, the run directory.
+from infra import distributed, report, rundir
 
 STOP = rundir.StopRequests()  # SIGTERM / SIGINT end a run at the end of a step
 
 
 def train(args) -> dict:
-    """Algorithm 1: train `args.method` and return the run's summary (report.py)."""
+    """Algorithm 1: train `args.method` and return the run's summary (infra/report.py)."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: choose kernels once

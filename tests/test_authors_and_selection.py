@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import data as datasets
 import train
 from conftest import tiny_data
-from report import ema_lag_warning
+from infra.report import ema_lag_warning
 from methods import DK
 from models import multi_peer_net
 

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import cli
-import rundir
 import train
 from baselines import (Gate, PeerAttention, attention_targets, baseline_loss, cl_loss, dml_loss,
                        kdcl_loss, min_logit_target, offline_kd_loss, okddip_loss,
                        one_loss, scale_gradient)
 from conftest import cifar_shaped, fake_finished_run
+from infra import rundir
 from models import build_deployable, multi_peer_net
 
 T = 3.0

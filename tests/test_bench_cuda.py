@@ -47,7 +47,7 @@ def run(path, *flags) -> tuple[int, dict]:
     """bench_cuda.main at the tiny size without train.py's curves.png (half the time of a tiny
     epoch; the bench does not check it)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("report.plot_curves", lambda out_dir, history: None)
+        patch.setattr("infra.report.plot_curves", lambda out_dir, history: None)
         code = bench_cuda.main([*TINY, "--json", str(path / "report.json"), *flags])
     return code, json.loads((path / "report.json").read_text())
 

@@ -1,5 +1,5 @@
 """compare.py: every experiment's table and figure from tiny runs (or from run directories
-written by hand), missing runs listed, the paper's numbers, --list / --cell. How sweep.py trains
+written by hand), missing runs listed, the paper's numbers, --list / --cell. How infra/sweep.py trains
 the grid (--gpus, runs made otherwise, stops) is tests/test_sweep.py's."""
 import json
 import os
@@ -9,9 +9,8 @@ import signal
 import pytest
 
 import compare
-import paired
-import sweep
 from conftest import TINY_TRAINING, finished_by_hand
+from infra import paired, sweep
 
 pytestmark = pytest.mark.usefixtures("small_data")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""deployable.pt2 (deploy.py), the deployed model on its own: loaded in a process that cannot
+"""deployable.pt2 (infra/deploy.py), the deployed model on its own: loaded in a process that cannot
 import this repository, it classifies uint8 images of any batch size with the test accuracy that
 summary.json reports for the deployed model, with and without --val-size, in bf16 and in fp32."""
 import json
@@ -9,16 +9,16 @@ import sys
 import pytest
 import torch
 
-import deploy
 import train
 from conftest import tiny_data
+from infra import deploy
 
 pytestmark = pytest.mark.usefixtures("small_data")
 
 # Run with `python -I` in an empty folder: neither the repository nor PYTHONPATH is on sys.path.
 ISOLATED_EVALUATION = """
 import importlib.util, json, sys, torch
-assert importlib.util.find_spec("models") is None and importlib.util.find_spec("deploy") is None
+assert importlib.util.find_spec("models") is None and importlib.util.find_spec("infra") is None
 extra = {"deployed.json": ""}
 model = torch.export.load(sys.argv[1], extra_files=extra).module()
 images, labels = torch.load(sys.argv[2])

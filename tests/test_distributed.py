@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import data as datasets
-import distributed
 import models
 import train
+from infra import distributed
 from methods import DKEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import cli
-import report
-import rundir
 import train
+from infra import report, rundir
 
 pytestmark = pytest.mark.usefixtures("small_data")
 TIMING = {"epoch_seconds", "images_per_s"}

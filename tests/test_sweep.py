@@ -1,4 +1,4 @@
-"""sweep.py, the training of compare.py's grid: the --gpus process pool (K runs at a time on each
+"""infra/sweep.py, the training of compare.py's grid: the --gpus process pool (K runs at a time on each
 GPU), runs made otherwise (named, never tabulated, retrained on request, never moved while a
 process trains in them), and stops (SIGTERM / SIGINT end a sweep with their exit code)."""
 import fcntl
@@ -11,8 +11,8 @@ import pytest
 
 import cli
 import compare
-import sweep
 from conftest import TINY_TRAINING, config_by_hand, finished_by_hand
+from infra import sweep
 
 pytestmark = pytest.mark.usefixtures("small_data")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data as datasets
-import report
 import train
 from conftest import fake_finished_run, tiny_data
+from infra import report
 from methods import DKEL
 from models import build_deployable, multi_peer_net
 

@@ -8,9 +8,9 @@ import math
 import os
 import sys
 
-from deploy import write_program
 from ema import EMATeacher
-from rundir import atomic_save, atomic_write, write_json, writes_files
+from infra.deploy import write_program
+from infra.rundir import atomic_save, atomic_write, write_json, writes_files
 
 
 def validation_choice(history: list[dict], keys: list[str]) -> tuple[float, int, str]:

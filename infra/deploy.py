@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from data import normalise, normaliser
+from infra.rundir import atomic_write, writes_files
 from models import build_deployable
-from rundir import atomic_write, writes_files
 
 PROGRAM = "deployable.pt2"
 DESCRIPTION = "deployed.json"  # the program's extra file: class names, data set, precision

@@ -25,10 +25,11 @@ import time
 from typing import NamedTuple
 
 import cli
-import rundir
 import train
+from infra import rundir
 
-TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+TRAIN_PY = os.path.join(ROOT, "train.py")
 
 
 # ----------------------------------------------------------------------------- the grid of runs

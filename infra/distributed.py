@@ -51,8 +51,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 import data as datasets
+from infra.rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 from models import PerViewStatistics, ViewBatchNorm2d
-from rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 
 
 def part() -> tuple[int, int]:
