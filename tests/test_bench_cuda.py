@@ -1,4 +1,4 @@
-"""bench_cuda.py on the CPU at a tiny size: the report and its JSON, the figures against their
+"""tools/bench_cuda.py on the CPU at a tiny size: the report and its JSON, the figures against their
 formulas, a broken check that makes it exit 1, what is skipped and why, the time cap, the packing
 runs' protocol, the clean-up of child processes, and bad flags."""
 import io
@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-import bench_cuda
 import ema
+from tools import bench_cuda
 
 TINY = ["--device", "cpu", "--arch", "resnet8", "--batch-size", "16", "--train-images", "128",
         "--test-images", "32", "--steps", "1", "--data-seconds", "0.1", "--workers", "0",

@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import data
-import evidence_split
+from tools import evidence_split
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # docs/spec.md Sec. 3
 CIFAR100_STATS = ((0.5071, 0.4866, 0.4409), (0.2675, 0.2565, 0.2761))

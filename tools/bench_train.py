@@ -14,8 +14,14 @@ All run the same networks, the same objective with the same epoch weights
 (the fastest round of each counts) so that a slow phase of a shared machine hits all of them.
 Prints every rate and its ratio to the reference (targets: >= 2x on the 2-core CPU, 5x on a GPU).
 
-    python bench_train.py [--arch resnet32] [--batch-size 128] [--steps 8] [--device cpu|cuda]
+    python -m tools.bench_train [--arch resnet32] [--batch-size 128] [--steps 8] [--device cpu|cuda]
 """
+import sys
+
+if not __package__:  # `python tools/bench_train.py`: the root's modules are not on sys.path
+    sys.stderr.write("error: run it from the repository root: python -m tools.bench_train ...\n")
+    sys.exit(2)
+
 import argparse
 import contextlib
 import copy
@@ -26,10 +32,10 @@ import torch
 import cli
 import data
 import train
-from bench_data import now, reference_loader
 from losses import distillation_objective
 from methods import DKEL
 from models import ViewBatchNorm2d, multi_peer_net
+from tools.bench_data import now, reference_loader
 
 WEIGHTS = {"rampup": 0.5, "ensemble_weight": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
 
@@ -109,7 +115,8 @@ def time_reference(args, dataset, loader, device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_train",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet32", help="architecture (default resnet32, paper Table 3)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (paper: 128, Sec. 4.2)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement (default 8)")

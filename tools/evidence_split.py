@@ -3,14 +3,19 @@
 training batches 1-4 (4,068) to train on and the first 1,017 images of batch 5 to test on. The
 official test set is not used; nothing of the test split is ever trained on.
 
-    python evidence_split.py --data-dir DIR OUT_DIR   # DIR: where cifar-10-batches-py is (or goes)
+    python -m tools.evidence_split --data-dir DIR OUT_DIR  # DIR: where cifar-10-batches-py is
 
 OUT_DIR/train/<class>/<index>.png and OUT_DIR/test/<class>/<index>.png, <index> counting the
 images of the split in order (00000, 00001, ...), the classes named as in CIFAR-10's metadata.
 """
+import sys
+
+if not __package__:  # `python tools/evidence_split.py`: the root's modules are not on sys.path
+    sys.stderr.write("error: run it from the repository root: python -m tools.evidence_split ...\n")
+    sys.exit(2)
+
 import argparse
 import os
-import sys
 
 import torch
 from PIL import Image
@@ -56,7 +61,8 @@ def write_split(data_dir: str, out_dir: str, per_batch: int = PER_BATCH,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.evidence_split",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="where train/ and test/ are written")
     parser.add_argument("--data-dir", default="data",
                         help="where CIFAR-10's cifar-10-batches-py is, or is downloaded to")

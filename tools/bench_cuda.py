@@ -1,7 +1,7 @@
 """The first minutes on a GPU: one command that checks and times train.py's CUDA path
 (docs/performance.md says how to run it and where its figures go).
 
-    python bench_cuda.py [--json bench_cuda.json]        # about 8 minutes at most on one GPU
+    python -m tools.bench_cuda [--json bench_cuda.json]        # about 8 minutes at most on one GPU
 
 Four parts, in this order, each under a time cap (what a cap cuts short is reported as skipped):
 - correctness: one DKEL step (the Sec. 3.3 initialisation, the loss, every gradient, the SGD step
@@ -23,6 +23,12 @@ Prints one report, writes it as JSON (--json) and exits with 1 when a check fail
 (130 on Ctrl-C and 143 on SIGTERM, after reporting the parts that finished).
 With --device cpu and tiny sizes the script runs in the test suite (tests/test_bench_cuda.py).
 """
+import sys
+
+if not __package__:  # `python tools/bench_cuda.py`: the root's modules are not on sys.path
+    sys.stderr.write("error: run it from the repository root: python -m tools.bench_cuda ...\n")
+    sys.exit(2)
+
 import argparse
 import contextlib
 import csv
@@ -35,23 +41,21 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from unittest import mock
 
 import torch
 
-import bench_data
-import bench_train
 import cli
 import data as datasets
 import train
 from backbones import ARCHS
 from infra import rundir
 from models import build_deployable
+from tools import bench_data, bench_train
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 TRAIN_PY = os.path.join(ROOT, "train.py")
 PARTS = ("correctness", "speed", "packing", "multi-gpu")
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.csv", "summary.json", "deployable.pt")
@@ -59,8 +63,8 @@ PAPER_EPOCHS, PAPER_STEPS, TABLE1_RUNS = 300, 390, 270   # Sec. 4.2 (50,000 / 12
 FULL_WEIGHTS = {"rampup": 1.0, "ensemble_weight": 0.5}  # r(ep), w(ep): every term of Eq. (12) counts
 PAY = 1.1   # a further run per GPU pays when it adds at least 10% to the throughput
 # torchrun's epoch-1 loss within 10% of the one-GPU run's: with --sync-bn the two compute the
-# same steps up to rounding (infra/distributed.py); per-rank BatchNorm statistics, without it, made
-# them 31% apart on the CPU (gloo, resnet8). Our choice, not yet measured on GPUs.
+# same steps up to rounding (infra/distributed.py); per-rank BatchNorm statistics, without it,
+# made them 31% apart on the CPU (gloo, resnet8). Our choice, not yet measured on GPUs.
 LOSS_AGREEMENT = 0.10
 
 
@@ -460,7 +464,7 @@ def add_ratios(items: list, batch_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------- packing
-WORKER = "import sys, bench_cuda; bench_cuda.packing_worker(sys.argv[1])"
+WORKER = "import sys; from tools import bench_cuda; bench_cuda.packing_worker(sys.argv[1])"
 
 
 def packing_worker(settings_json: str) -> None:
@@ -663,7 +667,7 @@ def multi_gpu_items(settings, work_dir: str) -> list:
 
 # ----------------------------------------------------------------------------- the command
 def build_parser() -> cli.Parser:
-    p = cli.Parser(prog="bench_cuda.py", formatter_class=cli.HelpFormatter,
+    p = cli.Parser(prog="python -m tools.bench_cuda", formatter_class=cli.HelpFormatter,
                    description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -803,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse(argv)
     start, device = time.perf_counter(), torch.device(settings.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"   # as train.train
-    report = {"command": " ".join(["python bench_cuda.py", *(argv or sys.argv[1:])]),
+    report = {"command": " ".join(["python -m tools.bench_cuda", *(argv or sys.argv[1:])]),
               "started": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine(device), "settings": vars(settings), "parts": {},
               "interrupted": False}

@@ -9,9 +9,15 @@ On a CPU that other processes share, torch's intra-op threads stall at every par
 (each waits for a descheduled sibling) while the reference's worker processes do not: compare
 with --threads 1 there, or run on an idle machine.
 
-    python bench_data.py [--device cpu|cuda] [--views 3] [--batch-size 128] [--seconds 10]
-                         [--workers 2] [--threads N]
+    python -m tools.bench_data [--device cpu|cuda] [--views 3] [--batch-size 128] [--seconds 10]
+                               [--workers 2] [--threads N]
 """
+import sys
+
+if not __package__:  # `python tools/bench_data.py`: the root's modules are not on sys.path
+    sys.stderr.write("error: run it from the repository root: python -m tools.bench_data ...\n")
+    sys.exit(2)
+
 import argparse
 import time
 
@@ -74,7 +80,8 @@ def now(device: torch.device) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_data",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where our loader keeps the data and augments (default: cuda if present)")
     parser.add_argument("--views", type=int, default=3, help="views per image M (paper: m = 3, Sec. 4.2)")

@@ -11,10 +11,15 @@ and with --ensemble-lr-per-peer, and prints each run's peer train accuracy over 
 and, per method, how many seeds stalled. Exits 1 when a run with the remedy stays below 1.5x
 chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
 
-    python bench_stall.py --data-dir DIR [--methods pcl dk dkel] [--seeds 0 1 2 3 4 5 6 7 8 9]
+    python -m tools.bench_stall --data-dir DIR [--methods pcl dk dkel] [--seeds 0 1 2 3 4 5 6 7 8 9]
 """
-import argparse
 import sys
+
+if not __package__:  # `python tools/bench_stall.py`: the root's modules are not on sys.path
+    sys.stderr.write("error: run it from the repository root: python -m tools.bench_stall ...\n")
+    sys.exit(2)
+
+import argparse
 
 import torch
 
@@ -57,7 +62,8 @@ def train_accuracies(args, data, steps: int) -> list[float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_stall",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="an imagefolder tree (train/<class>/...)")
     parser.add_argument("--arch", default="resnet20", help="architecture (default resnet20)")
     parser.add_argument("--methods", nargs="+", default=["dkel"], choices=cli.ONLINE_DISTILLATION,
@@ -80,7 +86,7 @@ def main() -> int:
     try:
         data = datasets.load_data(args.dataset, args.data_dir, torch.device(args.device))
     except datasets.DataError as error:
-        parser.exit(2, f"bench_stall.py: error: {error}\n")
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     chance = 100.0 / data.num_classes
     print(f"{args.arch}, 3 peers, lr {args.lr}, {options.steps} steps, {args.precision}; train "
           f"accuracy (%) of the last {options.last} steps (chance {chance:.0f}, stall below "
