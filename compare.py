@@ -3,13 +3,14 @@ grid of runs (data sets x networks x methods x settings x seeds), each in its ow
 <runs-dir>/<dataset>_<arch>_<method>[_<setting>]_seed<seed>. compare.py trains the unfinished
 ones in turn (or, with `--gpus`, `--runs-per-gpu` at a time on each GPU), then writes
 <runs-dir>/<experiment>_<datasets>.md -- each run's honest figure (report.headline), mean +- std
-over seeds, the paper's number in brackets (paper_results.csv), the paper's best-epoch convention,
-every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list` prints the grid,
+over seeds, the paper's number in brackets (docs/paper_results.csv), the paper's best-epoch
+convention, every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list` prints the grid,
 `--cell I` trains its I-th run (a SLURM array task).
 
 This file is what the paper's tables and figures are and how they are drawn; the grid of runs
 and their training (the runs made otherwise, `--retrain-mismatched`, `--gpus`, stop signals) are
-infra/sweep.py's, and the statistics of each method against the baseline seed by seed are infra/paired.py's."""
+infra/sweep.py's, and the statistics of each method against the baseline seed by seed are
+infra/paired.py's."""
 import sys
 
 # Before any other import: this code needs Python 3.10 (`X | None` annotations, evaluated when the
@@ -39,14 +40,15 @@ from infra.report import pyplot
 
 CIFAR = ("cifar10", "cifar100")
 
-# The paper's Tables 1-4 and the numbers Fig. 6's text quotes (top-1 %), beside this file.
-PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.csv")
+# The paper's Tables 1-4 and the numbers Fig. 6's text quotes (top-1 %), beside docs/spec.md.
+PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs",
+                             "paper_results.csv")
 # Table 2's rows, in the paper's order.
 TABLE2_METHODS = ("baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel")
 
 
 def paper_tables(path: str = PAPER_RESULTS) -> dict[str, list[dict[str, str]]]:
-    """The paper's tables as paper_results.csv prints them: table name -> its rows, column -> cell.
+    """The paper's tables as docs/paper_results.csv prints them: table name -> its rows, column -> cell.
 
     Each block opens with its header row: table, dataset, network, then the table's columns in the
     paper's order (methods for Tables 1-2; Table 3's rows PCL, +L_dk, +L_de, both as pcl, dk, de,
