@@ -134,11 +134,14 @@ def okddip_loss(peer_logits: torch.Tensor, leader_logits: torch.Tensor, attentio
     group leader z_L (B, C) from the auxiliary peers' mean; alpha (B, A, A).
 
     t_a is NOT detached (docs/spec.md, as in the authors' code): W_Q and W_K learn only through it.
-    NOTE(paper): the leader's target mean_a z_a is detached (docs/spec.md: every other target is).
     """
     ce = cross_entropy_per_peer(peer_logits, labels).sum()
     ce_leader = F.cross_entropy(leader_logits.float(), labels)
     kd = kd_loss(attention_targets(peer_logits, attention), peer_logits, temperature).sum()
+    # NOTE(paper): the leader's target mean_a z_a is detached, as every other target is (our
+    # reading, docs/spec.md Sec. 6). OKDDip's authors' code (train_GL.py) does not detach it: its
+    # KL_Loss takes torch.mean(output_batch, dim=2) as it is, so there the leader's KD term also
+    # trains the auxiliary peers.
     kd_leader = kd_loss(peer_logits.detach().float().mean(0), leader_logits, temperature)
     # OKDDip: L = sum_a L_ce(z_a, y) + L_ce(z_L, y) + lambda r(ep) [ sum_a L_kd(t_a, z_a)
     #             + L_kd(mean_a z_a, z_L) ]
