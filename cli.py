@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 import baselines
-import data as datasets
+import data
 import methods
 from backbones import ARCHS
 from losses import DECAYS
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="train.py", formatter_class=HelpFormatter,
                description="Train DKEL, DK, PCL or a compared method of Table 1 (Shao & Chen, DKEL).")
     a = p.add_argument
-    a("--dataset", default="cifar10", choices=datasets.DATASETS,
+    a("--dataset", default="cifar10", choices=data.DATASETS,
       help="data set (paper Sec. 4.1); synthetic is for smoke runs only")
     a("--arch", default="resnet32",
       help=f"architecture (paper Sec. 4.2, docs/spec.md Sec. 5): {', '.join(ARCHS)}")

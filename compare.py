@@ -4,8 +4,8 @@ grid of runs (data sets x networks x methods x settings x seeds), each in its ow
 ones in turn (or, with `--gpus`, `--runs-per-gpu` at a time on each GPU), then writes
 <runs-dir>/<experiment>_<datasets>.md -- each run's honest figure (report.headline), mean +- std
 over seeds, the paper's number in brackets (docs/paper_results.csv), the paper's best-epoch
-convention, every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list` prints the grid,
-`--cell I` trains its I-th run (a SLURM array task).
+convention, every missing or failed run -- and a PNG. `--read-only` trains nothing, `--list`
+prints the grid, `--cell I` trains its I-th run (a SLURM array task).
 
 This file is what the paper's tables and figures are and how they are drawn; the grid of runs
 and their training (the runs made otherwise, `--retrain-mismatched`, `--gpus`, stop signals) are

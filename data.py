@@ -144,9 +144,10 @@ def train_batches(data: ImageData, batch_size: int, num_views: int, generator: t
 
     All randomness (shuffle, crops, flips) comes from `generator`, which must live on
     `data.device`, so the same generator state gives the same epoch.
-    `part` = (rank, N) of a torchrun run (infra/distributed.py): every global batch of `batch_size` is
-    drawn as one process draws it and only its rows [rank * B/N, (rank + 1) * B/N) are made, so the
-    N ranks' slices together are exactly the one-process batch (N must divide `batch_size`).
+    `part` = (rank, N) of a torchrun run (infra/distributed.py): every global batch of
+    `batch_size` is drawn as one process draws it and only its rows [rank * B/N, (rank + 1) * B/N)
+    are made, so the N ranks' slices together are exactly the one-process batch (N must divide
+    `batch_size`).
     """
     shift, scale = normaliser(data.mean, data.std, data.device)
     order = torch.randperm(len(data.train_labels), generator=generator, device=data.device)

@@ -132,21 +132,22 @@ def cross_entropy_per_peer(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 def distillation_objective(student_logits: torch.Tensor, ensemble_logits: torch.Tensor,
                            teacher_logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
-                           kd_weight: float, rampup: float, ensemble_weight: float
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                           kd_weight: float, rampup: float, ensemble_weight: float,
+                           teacher_term: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DKEL objective, summed over the M peers, and its named, detached parts (for logging
     without a host sync): s, t (M, B, C), e (B, C), y (B,).
 
     Eq. (2) is Eq. (12) with w(ep) = 0: PCL passes its peer mean teacher t~ (then the teacher
     term is L_pm of Eq. (4)), DK the independent teacher (L_dk of Eq. (6)), both with
     `ensemble_weight` 0, and L_de is then not computed at all; DKEL passes the independent
-    teacher and w(ep) of Eq. (11)/(13)/(14).
+    teacher and w(ep) of Eq. (11)/(13)/(14). `teacher_term` names the teacher term among the
+    parts: "pm" or "dk" (the teacher's `term`, ema.py).
     """
     ce_peers = cross_entropy_per_peer(student_logits, labels).sum()
     ce_ensemble = F.cross_entropy(ensemble_logits.float(), labels)
     pe = peer_ensemble_kd(ensemble_logits, student_logits, temperature).sum()
     teacher_kd = leave_one_out_kd(teacher_logits, student_logits, temperature).sum()
-    parts = {"ce": ce_peers, "ce_ensemble": ce_ensemble, "pe": pe, "teacher_kd": teacher_kd}
+    parts = {"ce": ce_peers, "ce_ensemble": ce_ensemble, "pe": pe, teacher_term: teacher_kd}
     if ensemble_weight > 0:
         parts["de"] = decaying_ensemble_kd(teacher_logits, student_logits, temperature).sum()
     de = parts.get("de", 0.0)

@@ -118,10 +118,8 @@ class OnlineDistillation(Method):
         loss, parts = distillation_objective(out.logits, out.ensemble, teacher_logits, labels,
                                              temperature=self.temperature,
                                              kd_weight=self.kd_weight, rampup=weights["rampup"],
-                                             ensemble_weight=self.ensemble_weight(weights))
-        # The teacher term is L_pm (PCL's peer mean teacher) or L_dk (the independent teacher).
-        parts = {self.teacher.term if name == "teacher_kd" else name: value
-                 for name, value in parts.items()}
+                                             ensemble_weight=self.ensemble_weight(weights),
+                                             teacher_term=self.teacher.term)  # "pm" or "dk"
         parts["correct"] = (out.logits.argmax(-1) == labels).float().mean(-1).mean()
         parts["logit_norm"] = teacher_logits.float().norm(dim=-1).mean()  # collapse watch
         return loss, parts

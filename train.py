@@ -9,8 +9,8 @@ student (models.py) and its teacher (ema.py), PCL, DK or DKEL (methods.py) or a 
 the student's SGD step on Eq. (2) or Eq. (12) (losses.py) followed by the teacher's Eq. (5), and
 the evaluation of every student peer, the student ensemble, every teacher peer and the teacher
 ensemble (docs/spec.md Sec. 4). Each piece of infrastructure is one named call: the command line
-(cli.py), the run directory and its checkpoints (infra/rundir.py), the report (infra/report.py), torchrun
-(infra/distributed.py), the stop signals (`STOP`) and the precision (`autocast`).
+(cli.py), the run directory and its checkpoints (infra/rundir.py), the report (infra/report.py),
+torchrun (infra/distributed.py), the stop signals (`stop`) and the precision (`autocast`).
 """
 import sys
 
@@ -28,7 +28,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import data as datasets
+import data
 from baselines import KD, Baseline
 from cli import METHODS, resolve_args
 from ema import IndependentTeacher
@@ -38,19 +38,18 @@ from models import multi_peer_net
 # The machinery beyond the paper (infra/): torchrun, the report, the run directory.
 from infra import distributed, report, rundir
 
-STOP = rundir.StopRequests()  # SIGTERM / SIGINT end a run at the end of a step
 
-
-def train(args) -> dict:
-    """Algorithm 1: train `args.method` and return the run's summary (infra/report.py)."""
+def train(args, stop: rundir.StopRequests) -> dict:
+    """Algorithm 1: train `args.method` and return the run's summary (infra/report.py). `stop`
+    holds the SIGTERM / SIGINT received, which end the run at the end of a step."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: choose kernels once
     # The data set, on the device, where every batch is augmented (data.py).
-    data = load_data(args, device)
+    dataset = load_data(args, device)
     # The multi-peer student and its teacher (methods.py), or a compared method (baselines.py).
-    method = build_method(args, data, device)
-    fast_forward(method, args.compile)  # NHWC layout; --compile
+    method = build_method(args, dataset, device)
+    channels_last_and_compile(method, args.compile)  # NHWC layout; --compile
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
@@ -61,18 +60,18 @@ def train(args) -> dict:
     else:
         rundir.write_json(config, os.path.join(args.out_dir, "config.json"))
         # Sec. 3.3: the teacher, a copy of the student, trains alone for k iterations (DK, DKEL).
-        batches = datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed)
+        batches = data.repeated_batches(dataset, args.batch_size, method.num_views, args.seed)
         method.initialise(batches)
         state = {"epoch": 0, "step": 0, "history": []}
     distributed.prepare(method, args)  # torchrun: DDP, rank 0's weights on every rank
-    num_batches = datasets.num_train_batches(data, args.batch_size)
+    num_batches = data.num_train_batches(dataset, args.batch_size)
     report.warn_if_teacher_lags(method, num_batches, args.epochs)
     for epoch in range(state["epoch"], args.epochs):
         weights = epoch_weights(args, epoch)  # r(ep) and w(ep)
         lr = optimizer.param_groups[0]["lr"]
-        generator = datasets.epoch_generator(args.seed, epoch, device)
-        batches = datasets.train_batches(data, args.batch_size, method.num_views, generator,
-                                         distributed.part())
+        generator = data.epoch_generator(args.seed, epoch, device)
+        batches = data.train_batches(dataset, args.batch_size, method.num_views, generator,
+                                     distributed.part())
         method.set_mode(True)
         totals, start = {}, time.perf_counter()
         for views, labels in progress(batches, num_batches, epoch, args.epochs):
@@ -82,7 +81,7 @@ def train(args) -> dict:
             state["step"] += 1
             add_to(totals, {"loss": loss.detach(), **parts})
             # SIGTERM / SIGINT: the finished epochs are saved (torchrun: every rank at one step).
-            STOP.check(args.out_dir, epoch, state["step"])
+            stop.check(args.out_dir, epoch, state["step"])
         # The epoch's one host-device sync: the logged means (torchrun: over every rank).
         means = report.epoch_means(distributed.end_of_epoch(method, totals), num_batches)
         row = epoch_row(epoch, lr, weights, means, num_batches * args.batch_size,
@@ -90,16 +89,16 @@ def train(args) -> dict:
         rundir.check_health(row, args.out_dir, args.collapse_threshold)
         # Evaluation (docs/spec.md Sec. 4); with a validation split, the model selection too.
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            row.update(evaluate(method, data, args.batch_size, args.precision))
-            if data.val_labels is not None:
-                row.update(evaluate(method, data, args.batch_size, args.precision, "val"))
+            row.update(evaluate(method, dataset, args.batch_size, args.precision))
+            if dataset.val_labels is not None:
+                row.update(evaluate(method, dataset, args.batch_size, args.precision, "val"))
                 report.keep_if_best(method, row, state)
         scheduler.step()
         state["history"].append(row)
         state["epoch"] = epoch + 1
         save_epoch(args, method, optimizer, scheduler, state, config)
-        STOP.check(args.out_dir, epoch + 1)
-    return report.write_summary(args, method, data, state)
+        stop.check(args.out_dir, epoch + 1)
+    return report.write_summary(args, method, dataset, state)
 
 
 def student_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor,
@@ -124,20 +123,20 @@ def epoch_weights(args, epoch: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(method, data, batch_size: int, precision: str, split: str = "test"
+def evaluate(method, dataset, batch_size: int, precision: str, split: str = "test"
              ) -> dict[str, float]:
     """Top-1 accuracy (%) on the test split ("acc_*") or the validation split ("val_acc_*") of
     every output of docs/spec.md Sec. 4 (eval-mode BatchNorm)."""
     method.set_mode(False)
     correct: dict[str, torch.Tensor] = {}
     # torchrun: this rank's share of the split
-    for images, labels in distributed.evaluation_batches(data, batch_size, split):
-        with autocast(data.device, precision):
+    for images, labels in distributed.evaluation_batches(dataset, batch_size, split):
+        with autocast(dataset.device, precision):
             logits = method.eval_logits(images)
         for name, value in logits.items():
             correct[name] = correct.get(name, 0) + (value.argmax(-1) == labels).sum()
     prefix = "acc" if split == "test" else "val_acc"
-    total = getattr(data, f"{split}_labels").numel()
+    total = getattr(dataset, f"{split}_labels").numel()
     correct = distributed.summed(correct)
     accuracies = {f"{prefix}_{k}": 100.0 * v.item() / total for k, v in correct.items()}
     deployed = [accuracies[f"{prefix}_{key}"] for key in method.deployed_keys()]
@@ -146,23 +145,23 @@ def evaluate(method, data, batch_size: int, precision: str, split: str = "test"
 
 
 # ----------------------------------------------------------------------------- the pieces it calls
-def load_data(args, device: torch.device) -> datasets.ImageData:
+def load_data(args, device: torch.device) -> data.ImageData:
     """The data set on `device`, checked against the batch size, with its validation split."""
     try:
-        data = datasets.load_data(args.dataset, args.data_dir, device, seed=args.seed)
-        datasets.check_batch_size(data, args.batch_size, args.val_size)
+        dataset = data.load_data(args.dataset, args.data_dir, device, seed=args.seed)
+        data.check_batch_size(dataset, args.batch_size, args.val_size)
         if args.val_size:
-            data = datasets.hold_out_validation(data, args.val_size, args.seed)
-    except datasets.DataError as error:
+            dataset = data.hold_out_validation(dataset, args.val_size, args.seed)
+    except data.DataError as error:
         raise rundir.RunStopped(str(error), rundir.EXIT_BAD_INPUT) from None
-    return data
+    return dataset
 
 
-def build_method(args, data: datasets.ImageData, device: torch.device):
+def build_method(args, dataset: data.ImageData, device: torch.device):
     """The method of `args.method` and the flags that reach it: the paper's methods (pcl, dk,
     dkel) take the multi-peer student, offline KD its frozen teacher, the others an architecture."""
-    num_classes, distillation = data.num_classes, {"temperature": args.temperature,
-                                                   "kd_weight": args.kd_weight}
+    num_classes = dataset.num_classes
+    distillation = {"temperature": args.temperature, "kd_weight": args.kd_weight}
     if args.method in ("pcl", "dk", "dkel"):
         student = multi_peer_net(args.arch, num_classes, args.num_peers)
         online = {"ema_decay": args.ema_decay, "device": device,
@@ -176,7 +175,7 @@ def build_method(args, data: datasets.ImageData, device: torch.device):
     if args.method == "baseline":
         return Baseline(args.arch, num_classes, device)
     if args.method == "kd":  # the deployed model of a finished run (refused with one line)
-        teacher = rundir.load_teacher(args.teacher_run, data)
+        teacher = rundir.load_teacher(args.teacher_run, dataset)
         teacher.to(memory_format=torch.channels_last)
         return KD(args.arch, num_classes, teacher, device, **distillation)
     # dml, kdcl, one, cl, okddip
@@ -184,10 +183,11 @@ def build_method(args, data: datasets.ImageData, device: torch.device):
                                       **distillation)
 
 
-def fast_forward(method, compile: bool) -> None:
-    """How the networks run, not what they compute: NHWC convolutions (the tensor cores' layout on
-    CUDA, and about 1.3x faster than NCHW for resnet32 on a 2-core CPU as well, oneDNN); with
-    --compile, the training forward and an independent teacher's forward under torch.compile."""
+def channels_last_and_compile(method, compile: bool) -> None:
+    """Every network in NHWC layout (channels_last: the tensor cores' layout on CUDA, and about
+    1.3x faster than NCHW for resnet32 on a 2-core CPU as well, oneDNN); with --compile, the
+    training forward and an independent teacher's forward under torch.compile. How the networks
+    run, not what they compute."""
     for module in method.modules().values():
         module.to(memory_format=torch.channels_last)
     if compile:
@@ -264,21 +264,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    """train(args) with its summary table; a stop, as one line and the exit code."""
+    """train(args, stop) with its summary table; a stop, as one line and the exit code."""
+    stop = rundir.StopRequests()  # holds SIGTERM and SIGINT while the run trains
     try:
-        with distributed.session(args), STOP:  # torchrun's process group, the run-directory lock
-            print(report.summary_table(train(args)))
-    except rundir.RunStopped as stop:
-        print(f"error: {stop}", file=sys.stderr)
-        return stop.exit_code
+        with distributed.session(args), stop:  # torchrun's process group, the run-directory lock
+            print(report.summary_table(train(args, stop)))
+    except rundir.RunStopped as stopped:
+        print(f"error: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except BrokenPipeError:  # `train.py | head`: the reader of stdout has gone
         print(f"stdout was closed: every finished epoch is saved in {args.out_dir}; continue with "
               f"the same command plus --resume", file=sys.stderr)
         return rundir.stdout_gone()
-    except KeyboardInterrupt as stop:  # Ctrl-C before STOP holds the signals, or a second signal
-        print(f"\n{str(stop) or 'interrupted'}: every finished epoch is saved in {args.out_dir}; "
-              f"continue with the same command plus --resume", file=sys.stderr)
-        return getattr(stop, "exit_code", rundir.EXIT_INTERRUPTED)
+    except KeyboardInterrupt as stopped:  # Ctrl-C before `stop` holds the signals, or a second one
+        print(f"\n{str(stopped) or 'interrupted'}: every finished epoch is saved in "
+              f"{args.out_dir}; continue with the same command plus --resume", file=sys.stderr)
+        return getattr(stopped, "exit_code", rundir.EXIT_INTERRUPTED)
     return 0
 
 

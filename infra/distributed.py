@@ -50,7 +50,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-import data as datasets
+import data
 from infra.rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 from models import PerViewStatistics, ViewBatchNorm2d
 
@@ -148,8 +148,8 @@ def data_once_per_node(args) -> None:
     at once. The others then find it ready (so this process loads it twice, once here)."""
     if os.environ["LOCAL_RANK"] == "0":
         try:
-            datasets.load_data(args.dataset, args.data_dir, "cpu", seed=args.seed)
-        except datasets.DataError as error:
+            data.load_data(args.dataset, args.data_dir, "cpu", seed=args.seed)
+        except data.DataError as error:
             raise RunStopped(str(error), EXIT_BAD_INPUT) from None
     dist.all_reduce(torch.zeros(1, device=args.device))  # a barrier, on the device NCCL needs
 
@@ -250,20 +250,20 @@ def end_of_epoch(method, totals: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {name: value / dist.get_world_size() for name, value in summed(totals).items()}
 
 
-def evaluation_batches(data, batch_size: int, split: str = "test"):
+def evaluation_batches(dataset, batch_size: int, split: str = "test"):
     """This rank's share of the test (or validation) split in batches (data.test_batches); the
     evaluation sums the correct counts over the ranks (`summed`). The shares are contiguous and
     differ by one image at most. A split smaller than the world leaves the last ranks an empty
     share: each gets one batch of no images, so that it counts zero under every output's name."""
     rank, world = part()
     if world == 1:
-        yield from datasets.test_batches(data, batch_size, split)
+        yield from data.test_batches(dataset, batch_size, split)
         return
-    images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-    share = replace(data, **{f"{split}_images": images.tensor_split(world)[rank],
-                             f"{split}_labels": labels.tensor_split(world)[rank]})
+    images, labels = getattr(dataset, f"{split}_images"), getattr(dataset, f"{split}_labels")
+    share = replace(dataset, **{f"{split}_images": images.tensor_split(world)[rank],
+                                f"{split}_labels": labels.tensor_split(world)[rank]})
     if len(getattr(share, f"{split}_labels")):
-        yield from datasets.test_batches(share, batch_size, split)
+        yield from data.test_batches(share, batch_size, split)
     else:
-        images, labels = next(datasets.test_batches(data, 1, split))
+        images, labels = next(data.test_batches(dataset, 1, split))
         yield images[:0], labels[:0]                                   # (0, 3, H, W), (0,)

@@ -13,11 +13,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
 import cli  # noqa: E402  (after the path is set)
-import data as datasets  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 from models import build_deployable  # noqa: E402
 
-REAL_LOAD = datasets.load_data
+REAL_LOAD = data.load_data
 
 
 def tiny_data(name, data_dir, device, seed=0):
@@ -40,7 +40,7 @@ def tiny_synthetic(device: str, seed: int):
 @pytest.fixture
 def small_data(monkeypatch):
     """train.py (and compare.py through it) loads the tiny set whatever --dataset says."""
-    monkeypatch.setattr(train.datasets, "load_data", tiny_data)
+    monkeypatch.setattr(train.data, "load_data", tiny_data)
     return tiny_data
 
 
@@ -63,8 +63,8 @@ def fake_finished_run(path, arch="resnet8", num_classes=10, image_size=32, data_
 def cifar_shaped(num_classes=10):
     """A data set of one 32x32 image, as build_method and load_teacher see a data set."""
     image, label = torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
-    return datasets.ImageData("synthetic", image, label, image, label, (0.5,) * 3, (0.25,) * 3,
-                              num_classes)
+    return data.ImageData("synthetic", image, label, image, label, (0.5,) * 3, (0.25,) * 3,
+                          num_classes)
 
 
 # compare.py's run directories (tests/test_compare.py, tests/test_sweep.py)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data as datasets
+import data
 import train
 from conftest import tiny_data
 from infra.report import ema_lag_warning
@@ -93,7 +93,7 @@ def test_paper_init_runs_k_steps():
 
 def test_validation_split_is_disjoint_stratified_and_seeded():
     full = tiny_data("synthetic", "", "cpu")                 # 256 training images, 10 classes
-    split = datasets.hold_out_validation(full, 50, seed=3)
+    split = data.hold_out_validation(full, 50, seed=3)
     assert len(split.val_labels) == 50 and len(split.train_labels) == 206
     # Disjoint, and together the whole training set: images are distinct (random pixels).
     flat = lambda t: {bytes(x.flatten().tolist()) for x in t}  # noqa: E731
@@ -102,7 +102,7 @@ def test_validation_split_is_disjoint_stratified_and_seeded():
     # Stratified: each class's share is within one image of 50 * N_c / 256.
     counts = torch.bincount(full.train_labels, minlength=10).double()
     assert (torch.bincount(split.val_labels, minlength=10) - 50 * counts / 256).abs().max() < 1
-    again, other = (datasets.hold_out_validation(full, 50, seed=s) for s in (3, 4))
+    again, other = (data.hold_out_validation(full, 50, seed=s) for s in (3, 4))
     assert torch.equal(again.val_images, split.val_images)
     assert not torch.equal(other.val_images, split.val_images)
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import data as datasets
+import data
 import models
 import train
 from infra import distributed
@@ -52,8 +52,8 @@ real_step = train.student_step
 steps = []
 
 def tiny(name, data_dir, device, seed=0):
-    images, labels = train.datasets.make_synthetic(train_size + test_size, seed)
-    return train.datasets.ImageData(name, images[:train_size], labels[:train_size],
+    images, labels = train.data.make_synthetic(train_size + test_size, seed)
+    return train.data.ImageData(name, images[:train_size], labels[:train_size],
                                     images[train_size:], labels[train_size:], (0.5, 0.5, 0.5),
                                     (0.25, 0.25, 0.25), 10)
 
@@ -73,7 +73,7 @@ def step(*args):
         os.kill(os.getpid(), signal.SIGTERM)
     return real_step(*args)
 
-train.datasets.load_data, train.rundir.save_checkpoint, train.epoch_weights = tiny, save, weights
+train.data.load_data, train.rundir.save_checkpoint, train.epoch_weights = tiny, save, weights
 train.student_step = step
 try:
     code = train.main()
@@ -196,13 +196,13 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_co
 @pytest.mark.parametrize("world", [2, 4])
 def test_the_ranks_slices_are_the_one_process_batch(world):
     # 3 batches of 16, the last 4 images dropped.
-    images, labels = datasets.make_synthetic(52, seed=0)
-    data = datasets.ImageData("synthetic", images, labels, images[:1], labels[:1], (0.5,) * 3,
-                              (0.25,) * 3, num_classes=10)
+    images, labels = data.make_synthetic(52, seed=0)
+    dataset = data.ImageData("synthetic", images, labels, images[:1], labels[:1], (0.5,) * 3,
+                             (0.25,) * 3, num_classes=10)
 
     def epoch(part):
-        generator = datasets.epoch_generator(0, 5, data.device)
-        return list(datasets.train_batches(data, 16, 3, generator, part))
+        generator = data.epoch_generator(0, 5, dataset.device)
+        return list(data.train_batches(dataset, 16, 3, generator, part))
 
     single, slices = epoch((0, 1)), [epoch((rank, world)) for rank in range(world)]
     assert len(single) == 3 and all(len(s) == 3 for s in slices)
@@ -223,13 +223,13 @@ def test_a_rank_whose_share_of_the_split_is_empty_counts_zero_under_every_name(m
     # One test image and two ranks: rank 0 holds the image, rank 1 nothing; the all-reduce of
     # `summed` adds the ranks' counts name by name, so rank 1 must count zero under rank 0's names.
     method = dkel()
-    images, labels = datasets.make_synthetic(1, seed=0)
-    data = datasets.ImageData("synthetic", images, labels, images, labels, (0.5,) * 3, (0.25,) * 3,
-                              num_classes=10)
+    images, labels = data.make_synthetic(1, seed=0)
+    dataset = data.ImageData("synthetic", images, labels, images, labels, (0.5,) * 3, (0.25,) * 3,
+                             num_classes=10)
     accuracies = []
     for part in ((0, 1), (0, 2), (1, 2)):  # one process; rank 0 and rank 1 of two
         monkeypatch.setattr(distributed, "part", lambda: part)
-        accuracies.append(train.evaluate(method, data, 16, "fp32"))
+        accuracies.append(train.evaluate(method, dataset, 16, "fp32"))
     single, rank0, rank1 = accuracies
     assert "acc_teacher_ensemble" in single and rank0.keys() == rank1.keys() == single.keys()
     assert set(rank1.values()) == {0.0}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
-import data as datasets
+import data
 import train
 from conftest import tiny_data
 from methods import DKEL
@@ -30,8 +30,8 @@ def test_bf16_and_fp32_steps_agree_within_bf16_rounding():
     method = DKEL(multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
                   init_iters=1, init_lr=0.01)
     twin = copy.deepcopy(method)  # the same weights and BatchNorm buffers for the second precision
-    data = tiny_data("synthetic", "", "cpu")
-    views, labels = next(datasets.train_batches(data, 64, 3, torch.Generator().manual_seed(0)))
+    dataset = tiny_data("synthetic", "", "cpu")
+    views, labels = next(data.train_batches(dataset, 64, 3, torch.Generator().manual_seed(0)))
     loss32, grad32 = dkel_step_grads(method, views, labels, "fp32")
     loss16, grad16 = dkel_step_grads(twin, views, labels, "bf16")
     # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%) in the convolutions only; the

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cli
-import data as datasets
+import data
 import train
 from conftest import cifar_shaped
 from methods import DKEL
@@ -30,13 +30,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def synthetic_set(count: int = 256, size: int = 16) -> datasets.ImageData:
+def synthetic_set(count: int = 256, size: int = 16) -> data.ImageData:
     """Small synthetic images (16 x 16 keeps a resnet20 step cheap; the pooled features' mean,
     which sets the curvature, is the same as at 32 x 32)."""
-    images, labels = datasets.make_synthetic(count, 0, size=size)
+    images, labels = data.make_synthetic(count, 0, size=size)
     mean = tuple(images.double().mean((0, 2, 3)).div(255).tolist())
     std = tuple(images.double().div(255).std((0, 2, 3), unbiased=False).tolist())
-    return datasets.ImageData("synthetic", images, labels, images[:8], labels[:8], mean, std, 10)
+    return data.ImageData("synthetic", images, labels, images[:8], labels[:8], mean, std, 10)
 
 
 def student(seed: int, remedy: bool) -> tuple[DKEL, torch.optim.Optimizer]:
@@ -75,7 +75,7 @@ def test_nesterov_limit_of_the_docs():
 def test_head_curvature_past_the_limit_at_lr_and_within_it_at_lr_over_m(seed):
     """At a uniform softmax the Hessian of L_ce in a linear classifier's weights is
     (I/C - 11^T/C^2) (x) E[f f^T], top eigenvalue lambda_max(E[f f^T]) / C."""
-    batch = next(datasets.train_batches(synthetic_set(64), 64, 3, torch.Generator().manual_seed(0)))
+    batch = next(data.train_batches(synthetic_set(64), 64, 3, torch.Generator().manual_seed(0)))
     for remedy in (False, True):
         method, optimizer = student(seed, remedy)
         with torch.no_grad():
@@ -95,7 +95,7 @@ def ensemble_logit_std(seed: int, remedy: bool, steps: int = 3) -> float:
     settings, on a fixed batch stream of the synthetic set."""
     method, optimizer = student(seed, remedy)
     method.set_mode(True)
-    batches = datasets.train_batches(synthetic_set(), 32, 3, torch.Generator().manual_seed(seed))
+    batches = data.train_batches(synthetic_set(), 32, 3, torch.Generator().manual_seed(seed))
     for step in range(steps):
         views, labels = next(batches)
         train.student_step(method, optimizer, views, labels, FIRST_EPOCH, "fp32")

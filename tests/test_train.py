@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import data as datasets
+import data
 import train
 from conftest import fake_finished_run, tiny_data
 from infra import report
@@ -53,7 +53,7 @@ def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
     deployed.load_state_dict(torch.load(tmp_path / "deployable.pt", weights_only=True))
     test = tiny_data("synthetic", "", "cpu")
     with torch.no_grad():
-        images, labels = next(datasets.test_batches(test, 128))
+        images, labels = next(data.test_batches(test, 128))
         accuracy = 100.0 * (deployed.eval()(images).argmax(1) == labels).float().mean().item()
     assert accuracy == pytest.approx(final[f"acc_{summary['deployable']['output']}"])
     assert summary["test_images"] == len(test.test_labels) == 128  # conftest's tiny test split
@@ -144,11 +144,11 @@ def test_collapse_stops_the_run(tmp_path, capsys):
 
 
 def test_teacher_changes_only_by_eq5_after_initialisation():
-    data = tiny_data("synthetic", "", "cpu")
+    dataset = tiny_data("synthetic", "", "cpu")
     method = DKEL(multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0, ema_decay=0.999,
                   init_iters=1, init_lr=0.01)
     optimizer = torch.optim.SGD(method.student.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    views, labels = next(datasets.train_batches(data, 32, 3, torch.Generator().manual_seed(0)))
+    views, labels = next(data.train_batches(dataset, 32, 3, torch.Generator().manual_seed(0)))
     method.set_mode(True)
     teacher = method.teacher.network
     before = [p.clone() for p in teacher.parameters()]
@@ -188,9 +188,10 @@ def test_kd_learns_from_a_finished_run_of_another_network(tmp_path, capsys):
     assert "lag" not in capsys.readouterr().err
     taught = json.load(open(teacher / "summary.json"))
     # The teacher run records the data set its model was trained on, and its normalisation.
-    data = tiny_data("synthetic", "", "cpu")
+    dataset = tiny_data("synthetic", "", "cpu")
     assert taught["deployable"]["dataset"] == "synthetic"
-    assert (taught["deployable"]["mean"], taught["deployable"]["std"]) == (list(data.mean), list(data.std))
+    recorded = taught["deployable"]
+    assert (recorded["mean"], recorded["std"]) == (list(dataset.mean), list(dataset.std))
     teacher_accuracy = taught["final"][f"acc_{taught['deployable']['output']}"]
     rows = read_metrics(student)
     # The teacher is the network the teacher run deployed, and it never changes: its test accuracy is

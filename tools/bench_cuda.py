@@ -48,7 +48,7 @@ from unittest import mock
 import torch
 
 import cli
-import data as datasets
+import data
 import train
 from backbones import ARCHS
 from infra import rundir
@@ -158,9 +158,9 @@ def one_line(text: str, limit: int = 300) -> str:
 
 # ----------------------------------------------------------------------------- shared pieces
 @functools.cache
-def synthetic(train_images: int, test_images: int, device: str) -> datasets.ImageData:
+def synthetic(train_images: int, test_images: int, device: str) -> data.ImageData:
     """The synthetic CIFAR-shaped set of that size on `device` (built once per process)."""
-    return datasets.synthetic_data(train_images, test_images, 0, device)
+    return data.synthetic_data(train_images, test_images, 0, device)
 
 
 def fitted_ema_decay(steps: int) -> float:
@@ -223,8 +223,8 @@ def check_run_dir(out_dir: str, arch: str, epochs: int) -> dict:
 def first_batch(settings) -> tuple[torch.Tensor, torch.Tensor]:
     """train.py's first training batch (epoch 0 of seed 0) of a small set, on the CPU."""
     small = synthetic(settings.batch_size, 1, "cpu")
-    generator = datasets.epoch_generator(0, 0, small.device)
-    return next(datasets.train_batches(small, settings.batch_size, 3, generator))
+    generator = data.epoch_generator(0, 0, small.device)
+    return next(data.train_batches(small, settings.batch_size, 3, generator))
 
 
 @contextlib.contextmanager
@@ -246,7 +246,7 @@ def one_step(settings, device: torch.device, batch, allow_tf32: bool) -> dict:
                              "fp32", "--batch-size", str(settings.batch_size)])
     torch.manual_seed(0)
     method = train.build_method(args, synthetic(settings.batch_size, 1, "cpu"), device)
-    train.fast_forward(method, compile=False)  # NHWC, as train.py runs it
+    train.channels_last_and_compile(method, compile=False)  # NHWC, as train.py runs it
     views, labels = (tensor.to(device) for tensor in batch)
     with tf32(allow_tf32):
         start = state_of(method)
@@ -295,8 +295,8 @@ def epoch_through_train(settings, work_dir: str, precision: str, values: dict) -
     """One DKEL epoch of train.main on the CIFAR-sized synthetic set in `precision`, with the first
     epoch's weights of the paper's recipe (r(0) = exp(-5), w(0) = 1, lr 0.1); each step's loss
     is kept on the device and read at the end."""
-    data = synthetic(settings.train_images, settings.test_images, settings.device)
-    steps = datasets.num_train_batches(data, settings.batch_size)
+    dataset = synthetic(settings.train_images, settings.test_images, settings.device)
+    steps = data.num_train_batches(dataset, settings.batch_size)
     out_dir = os.path.join(work_dir, f"epoch_{precision}")
     argv = train_flags(settings, out_dir, 1, steps) + [
         "--rampup-epochs", "1", "--device", settings.device, "--precision", precision]
@@ -311,7 +311,7 @@ def epoch_through_train(settings, work_dir: str, precision: str, values: dict) -
         return loss, parts
 
     with (mock.patch.object(train, "student_step", recorded_step),
-          mock.patch.object(train.datasets, "load_data", lambda *args, **kwargs: data),
+          mock.patch.object(train.data, "load_data", lambda *args, **kwargs: dataset),
           contextlib.redirect_stdout(log), contextlib.redirect_stderr(log)):
         code = train.main(argv)
     if code in (rundir.EXIT_INTERRUPTED, rundir.EXIT_TERMINATED):
@@ -390,8 +390,8 @@ def step_speed(settings, precision: str, compiled: bool, values: dict) -> str:
     """train.py's DKEL step (bench_train.time_ours), timed after its warm-up (and compilation)."""
     options = argparse.Namespace(arch=settings.arch, batch_size=settings.batch_size,
                                  steps=settings.steps, compile=compiled)
-    data = synthetic(settings.train_images, settings.test_images, settings.device)
-    seconds = bench_train.time_ours(options, data, torch.device(settings.device), precision)
+    dataset = synthetic(settings.train_images, settings.test_images, settings.device)
+    seconds = bench_train.time_ours(options, dataset, torch.device(settings.device), precision)
     values.update(projections(seconds, settings.batch_size))
     return (f"{values['images_per_s']:,.0f} images/s ({values['ms_per_step']:.1f} ms/step): "
             f"the paper's run {values['paper_run_hours']:.2f} h, Table 1 "
@@ -401,8 +401,8 @@ def step_speed(settings, precision: str, compiled: bool, values: dict) -> str:
 def shared_reference_loader(settings, state: dict):
     """bench_data's reference loader, made once for both items that use it."""
     if "loader" not in state:
-        data = synthetic(settings.train_images, settings.test_images, settings.device)
-        state["loader"] = bench_data.reference_loader(data, 3, settings.batch_size,
+        dataset = synthetic(settings.train_images, settings.test_images, settings.device)
+        state["loader"] = bench_data.reference_loader(dataset, 3, settings.batch_size,
                                                       settings.workers,
                                                       torch.device(settings.device))
     return state["loader"]
@@ -412,8 +412,8 @@ def reference_speed(settings, state: dict, values: dict) -> str:
     """The straightforward recipe's step (bench_train.time_reference), fp32."""
     options = argparse.Namespace(arch=settings.arch, batch_size=settings.batch_size,
                                  steps=settings.steps)
-    data = synthetic(settings.train_images, settings.test_images, settings.device)
-    seconds = bench_train.time_reference(options, data, shared_reference_loader(settings, state),
+    dataset = synthetic(settings.train_images, settings.test_images, settings.device)
+    seconds = bench_train.time_reference(options, dataset, shared_reference_loader(settings, state),
                                          torch.device(settings.device))
     values.update(projections(seconds, settings.batch_size))
     return (f"{values['images_per_s']:,.0f} images/s ({values['ms_per_step']:.1f} ms/step; "
@@ -424,9 +424,9 @@ def pipeline_speed(settings, state: dict, ours: bool, values: dict) -> str:
     """Augmented views per second of our loader or of the reference (bench_data)."""
     device = torch.device(settings.device)
     if ours:
-        data = synthetic(settings.train_images, settings.test_images, settings.device)
+        dataset = synthetic(settings.train_images, settings.test_images, settings.device)
         generator = torch.Generator(device=device).manual_seed(0)
-        epochs = functools.partial(datasets.train_batches, data, settings.batch_size, 3, generator)
+        epochs = functools.partial(data.train_batches, dataset, settings.batch_size, 3, generator)
     else:
         loader = shared_reference_loader(settings, state)
         epochs = functools.partial(iter, loader)
@@ -473,9 +473,9 @@ def packing_worker(settings_json: str) -> None:
     settings = argparse.Namespace(**json.loads(settings_json))
     device = torch.device(settings.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.train
-    data = synthetic(settings.images, 1, settings.device)
+    dataset = synthetic(settings.images, 1, settings.device)
     options = argparse.Namespace(arch=settings.arch, batch_size=settings.batch_size, compile=False)
-    step = bench_train.dkel_step(options, data, device, settings.precision)
+    step = bench_train.dkel_step(options, dataset, device, settings.precision)
     bench_train.seconds_per_step(step, 1, 1, device)   # warm-up: kernels chosen, memory held
     print("ready", flush=True)
     sys.stdin.readline()

@@ -5,13 +5,14 @@ At the paper's settings (lr 0.1, Nesterov momentum 0.9, Sec. 4.2) the Eq. (3) en
 overshoot in the first steps; its cross-entropy then drives the branches' pooled features to zero
 and the peers stay near chance for an epoch or more, on some seeds. This trains the student of
 PCL, DK or DKEL as train.py does, with train.py's own pieces (cli.resolve_args,
-train.build_method, train.fast_forward, train.sgd, Method.initialise, data.train_batches,
-train.student_step, Method.after_step), for --steps steps from each seed, with the paper's recipe
-and with --ensemble-lr-per-peer, and prints each run's peer train accuracy over its last steps
-and, per method, how many seeds stalled. Exits 1 when a run with the remedy stays below 1.5x
-chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
+train.build_method, train.channels_last_and_compile, train.sgd, Method.initialise,
+data.train_batches, train.student_step, Method.after_step), for --steps steps from each seed, with
+the paper's recipe and with --ensemble-lr-per-peer, and prints each run's peer train accuracy over
+its last steps and, per method, how many seeds stalled. Exits 1 when a run with the remedy stays
+below 1.5x chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
 
-    python -m tools.bench_stall --data-dir DIR [--methods pcl dk dkel] [--seeds 0 1 2 3 4 5 6 7 8 9]
+    python -m tools.bench_stall --data-dir DIR [--methods pcl dk dkel]
+                                [--seeds 0 1 2 3 4 5 6 7 8 9]
 """
 import sys
 
@@ -24,35 +25,35 @@ import argparse
 import torch
 
 import cli
-import data as datasets
+import data
 import train
 from backbones import ARCHS
 
 STALL_FACTOR = 1.5  # a run whose last steps stay below 1.5x chance accuracy has stalled
 
 
-def batches(data, batch_size: int, num_views: int, seed: int):
+def batches(dataset, batch_size: int, num_views: int, seed: int):
     """train.py's training batches, epoch after epoch, from `seed`."""
     epoch = 0
     while True:
-        generator = datasets.epoch_generator(seed, epoch, data.device)
-        yield from datasets.train_batches(data, batch_size, num_views, generator)
+        generator = data.epoch_generator(seed, epoch, dataset.device)
+        yield from data.train_batches(dataset, batch_size, num_views, generator)
         epoch += 1
 
 
-def train_accuracies(args, data, steps: int) -> list[float]:
+def train_accuracies(args, dataset, steps: int) -> list[float]:
     """The peers' mean train accuracy (%) of every step of the student's first `steps` steps, as
     train.py trains it with `args` (the epoch weights of the first epoch throughout)."""
     torch.manual_seed(args.seed)
-    method = train.build_method(args, data, data.device)
-    train.fast_forward(method, args.compile)
+    method = train.build_method(args, dataset, dataset.device)
+    train.channels_last_and_compile(method, args.compile)
     optimizer = train.sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
-    method.initialise(datasets.repeated_batches(data, args.batch_size, method.num_views, args.seed))
+    method.initialise(data.repeated_batches(dataset, args.batch_size, method.num_views, args.seed))
     weights = train.epoch_weights(args, 0)
     method.set_mode(True)
     accuracies = []
-    stream = batches(data, args.batch_size, method.num_views, args.seed)
+    stream = batches(dataset, args.batch_size, method.num_views, args.seed)
     for step in range(steps):
         views, labels = next(stream)
         _, parts = train.student_step(method, optimizer, views, labels, weights, args.precision)
@@ -84,10 +85,10 @@ def main() -> int:
             "--epochs", "30", "--ema-decay", "0.99", "--precision", options.precision]
     args = cli.resolve_args(argv)
     try:
-        data = datasets.load_data(args.dataset, args.data_dir, torch.device(args.device))
-    except datasets.DataError as error:
+        dataset = data.load_data(args.dataset, args.data_dir, torch.device(args.device))
+    except data.DataError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    chance = 100.0 / data.num_classes
+    chance = 100.0 / dataset.num_classes
     print(f"{args.arch}, 3 peers, lr {args.lr}, {options.steps} steps, {args.precision}; train "
           f"accuracy (%) of the last {options.last} steps (chance {chance:.0f}, stall below "
           f"{STALL_FACTOR * chance:.0f})")
@@ -98,7 +99,7 @@ def main() -> int:
             line = [f"{method} seed {seed}:"]
             for remedy in (False, True):
                 args.method, args.seed, args.ensemble_lr_per_peer = method, seed, remedy
-                accuracies = train_accuracies(args, data, options.steps)
+                accuracies = train_accuracies(args, dataset, options.steps)
                 last = sum(accuracies[-options.last:]) / options.last
                 stalled = last < STALL_FACTOR * chance
                 stalls[remedy] += stalled

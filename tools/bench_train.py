@@ -46,7 +46,7 @@ def dkel_step(args, dataset, device, precision: str, per_view_bn: bool = True):
     images together. Shared with bench_cuda.py."""
     method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device,
                   temperature=3.0, kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01)
-    train.fast_forward(method, args.compile)  # NHWC, --compile: as train.py runs it
+    train.channels_last_and_compile(method, args.compile)  # NHWC, --compile: as train.py runs it
     for module in [*method.student.modules(), *method.teacher.network.modules()]:
         if isinstance(module, ViewBatchNorm2d) and not per_view_bn:
             # The same parameters and buffers, one statistic.
@@ -103,7 +103,8 @@ def time_reference(args, dataset, loader, device) -> float:
             teacher_logits = teacher(views).logits
         loss, _ = distillation_objective(out.logits, out.ensemble, teacher_logits, labels, temperature=3.0,
                                          kd_weight=1.0, rampup=WEIGHTS["rampup"],
-                                         ensemble_weight=WEIGHTS["ensemble_weight"])
+                                         ensemble_weight=WEIGHTS["ensemble_weight"],
+                                         teacher_term="dk")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

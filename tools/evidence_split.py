@@ -20,7 +20,7 @@ import os
 import torch
 from PIL import Image
 
-import data as datasets
+import data
 
 BATCH_SIZE = 10_000     # images per official training batch (data_batch_1 ... data_batch_5)
 PER_BATCH = 1017        # the split takes this many from the start of each batch
@@ -48,11 +48,11 @@ def write_split(data_dir: str, out_dir: str, per_batch: int = PER_BATCH,
                 batch_size: int = BATCH_SIZE) -> tuple[int, int]:
     """Read CIFAR-10's training set from data_dir (downloading it there if absent) and write the
     split under out_dir; returns the (train, test) image counts."""
-    cifar = datasets.load_data("cifar10", data_dir, "cpu")
+    cifar = data.load_data("cifar10", data_dir, "cpu")
     needed = (TRAIN_BATCHES + 1) * batch_size
     if len(cifar.train_labels) < needed:
-        raise datasets.DataError(f"CIFAR-10's training set under {data_dir} has "
-                                 f"{len(cifar.train_labels)} images, not {needed}")
+        raise data.DataError(f"CIFAR-10's training set under {data_dir} has "
+                             f"{len(cifar.train_labels)} images, not {needed}")
     for name, indices in zip(("train", "test"), split_indices(per_batch, batch_size)):
         chosen = torch.tensor(indices)
         write_tree(cifar.train_images[chosen], cifar.train_labels[chosen], cifar.classes,
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         train_count, test_count = write_split(args.data_dir, args.out_dir)
-    except datasets.DataError as error:
+    except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {train_count} train and {test_count} test images under {args.out_dir}; train "
