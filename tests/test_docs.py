@@ -1,9 +1,13 @@
 """Every cross-reference a reader can follow leads somewhere: in each tracked .py and .md file,
 every `docs/<file>.md` (with its `#anchor`, or `Sec. N` of docs/spec.md), every relative markdown
-link and every citation of a README section names a file, heading or section that exists."""
+link and every citation of a README section names a file, heading or section that exists; every
+documented command runs from the root as written (each `python -m tools.<name>` answers --help,
+each `python <file>.py` names a file there), and no page names a moved file where it was."""
+import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -95,7 +99,7 @@ def test_anchor_follows_githubs_rule(heading, expected):
 
 def test_the_checker_finds_what_leads_nowhere():
     good = ["docs/spec.md#9-the-papers-reported-numbers", "docs/spec.md Sec. 7",
-            "[a link](docs/distributed.md#the-lock)", "[here](#tests)", 'README, "Quick start"']
+            "[a link](docs/distributed.md#the-lock)", "[here](#quick-start)", 'README, "Quick start"']
     bad = ["docs/spec.md#10-missing", "docs/spec.md Sec. 12", "docs/nope.md",
            'README, "Nothing lost, nothing silent"', "[a link](docs/training.md#no-such)",
            "[a link](docs/spec.md#ten)", "[a link](#no-such-section)", "[a link](nope.md)"]
@@ -114,3 +118,83 @@ def test_every_cross_reference_leads_somewhere():
         if name != "tests/test_docs.py":  # whose references are the examples above
             problems += broken_references(name, read(os.path.join(ROOT, name)))
     assert not problems, "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------- documented commands
+TOOL_COMMAND = re.compile(r"python -m (tools\.\w+)")
+ROOT_COMMAND = re.compile(r"(?:python|torchrun)\b[^\n`]*?\s([\w/]+\.py)\b")
+MOVED = sorted(os.path.basename(name) for name in tracked("infra/*.py", "tools/*.py")
+               if not name.endswith("__init__.py"))
+
+
+def documented(pattern: re.Pattern) -> dict[str, list[str]]:
+    """Each target of `pattern` in the tracked .md and .py files -> the files that name it."""
+    found: dict[str, list[str]] = {}
+    for name in tracked("*.md", "*.py"):
+        for target in set(pattern.findall(read(os.path.join(ROOT, name)))):
+            found.setdefault(target, []).append(name)
+    return found
+
+
+def test_every_tool_is_documented_as_a_command_of_the_root():
+    tools = {f"tools.{os.path.basename(name)[:-3]}" for name in tracked("tools/*.py")
+             if "__init__" not in name}
+    assert len(tools) == 5 and set(documented(TOOL_COMMAND)) == tools
+
+
+# `python -m <module> --help` for each module in turn, as `python -m` runs it (runpy), in one
+# process started in the root: one import of torch for all of them.
+HELP_OF_EACH = """
+import contextlib, io, json, runpy, sys
+answers = {}
+for module in sys.argv[1:]:
+    sys.argv, printed, code = [module, "--help"], io.StringIO(), 0
+    with contextlib.redirect_stdout(printed):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exit:
+            code = exit.code or 0
+    answers[module] = [code, printed.getvalue()]
+print(json.dumps(answers))
+"""
+
+
+@pytest.fixture(scope="module")
+def help_of_each_tool():
+    modules = sorted(documented(TOOL_COMMAND))
+    result = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *modules], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("module", sorted(documented(TOOL_COMMAND)))
+def test_each_documented_tool_command_answers_help_from_the_root(module, help_of_each_tool):
+    code, printed = help_of_each_tool[module]
+    assert code == 0 and printed.startswith(f"usage: python -m {module} ")
+
+
+@pytest.mark.parametrize("module", sorted(documented(TOOL_COMMAND)))
+def test_a_tool_run_as_a_file_says_how_to_run_it(module):
+    path = module.replace(".", "/") + ".py"
+    result = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: run it from the repository root: python -m {module} ...\n"
+
+
+def test_every_documented_python_file_command_names_a_file_of_the_root():
+    found = documented(ROOT_COMMAND)
+    assert {"train.py", "compare.py", "simulate.py"} <= set(found)
+    missing = {target: names for target, names in found.items()
+               if not os.path.isfile(os.path.join(ROOT, target))}
+    assert not missing, missing
+
+
+def test_no_page_and_no_root_module_names_a_moved_file_where_it_was():
+    """README.md, docs/ and the root's modules name infra/ and tools/ files with their folder."""
+    bare = re.compile(rf"(?<![\w/.])({'|'.join(map(re.escape, MOVED))})\b")
+    pages = [name for name in tracked("*.md", "*.py") if "/" not in name or
+             name.startswith("docs/")]
+    stale = {name: bare.findall(read(os.path.join(ROOT, name))) for name in pages}
+    assert len(MOVED) == 11 and not {name: hits for name, hits in stale.items() if hits}
