@@ -1,5 +1,7 @@
 """The command line of train.py: every flag with the paper's value and section, the schedule
 defaults scaled to --epochs (docs/spec.md Sec. 3), and one-line refusals of bad input (exit 2).
+It sits at the root, beside the paper's modules: a reader of the paper finds its hyperparameters
+here, and `METHODS` is the one table of the methods of Tables 1-3 (simulate.py uses its parser).
 
     python train.py --dataset cifar10 --arch resnet32 --beta 0.5
 """

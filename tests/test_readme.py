@@ -1,6 +1,7 @@
 """The README keeps its promises: its size, its own-network example (run exactly as shown), its
 smoke run's printed lines and docs/training.md's whole printout of it (against what train.py
-prints), and a repository that stands alone."""
+prints), a repository that stands alone, and its layout: the root is the paper, the machinery
+one folder down."""
 import ast
 import math
 import os
@@ -122,3 +123,26 @@ def test_the_smoke_run_prints_what_the_readme_shows_and_its_program_runs_alone(t
     assert result.returncode == 0, result.stderr
     predicted = ast.literal_eval(result.stdout.strip())
     assert len(predicted) == 4 and set(predicted) <= set(data.SYNTHETIC_CLASSES)
+
+
+PAPER_MODULES = ["backbones", "baselines", "cli", "data", "ema", "losses", "methods", "models",
+                 "simulate"]
+
+
+def test_the_root_holds_the_paper_and_the_machinery_sits_one_folder_down():
+    """The README's reading order is the root's Python files; the paper's modules (all of them but
+    train.py and compare.py, which wire the paper to the machinery) import nothing of infra/ or
+    tools/."""
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    root = sorted(name[:-3] for name in files if "/" not in name)
+    assert root == sorted(PAPER_MODULES + ["compare", "train"])
+    reading_order = re.findall(r"^\d+\. `(\w+)\.py`", section("Reading order"), flags=re.M)
+    assert sorted(reading_order) == root
+    for name in PAPER_MODULES:
+        tree = ast.parse(open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8").read())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module or "" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in imported if m.split(".")[0] in ("infra", "tools")}, name
