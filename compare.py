@@ -48,7 +48,8 @@ TABLE2_METHODS = ("baseline", "kd", "dml", "okddip", "kdcl", "pcl", "dkel")
 
 
 def paper_tables(path: str = PAPER_RESULTS) -> dict[str, list[dict[str, str]]]:
-    """The paper's tables as docs/paper_results.csv prints them: table name -> its rows, column -> cell.
+    """The paper's tables as docs/paper_results.csv prints them: table name -> its rows,
+    column -> cell.
 
     Each block opens with its header row: table, dataset, network, then the table's columns in the
     paper's order (methods for Tables 1-2; Table 3's rows PCL, +L_dk, +L_de, both as pcl, dk, de,

@@ -49,7 +49,7 @@ def train(args, stop: rundir.StopRequests) -> dict:
     dataset = load_data(args, device)
     # The multi-peer student and its teacher (methods.py), or a compared method (baselines.py).
     method = build_method(args, dataset, device)
-    channels_last_and_compile(method, args.compile)  # NHWC layout; --compile
+    channels_last_and_compile(method, args.compile)  # how they run, not what they compute
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)

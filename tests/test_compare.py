@@ -1,6 +1,6 @@
 """compare.py: every experiment's table and figure from tiny runs (or from run directories
-written by hand), missing runs listed, the paper's numbers, --list / --cell. How infra/sweep.py trains
-the grid (--gpus, runs made otherwise, stops) is tests/test_sweep.py's."""
+written by hand), missing runs listed, the paper's numbers, --list / --cell. How infra/sweep.py
+trains the grid (--gpus, runs made otherwise, stops) is tests/test_sweep.py's."""
 import json
 import os
 import shutil

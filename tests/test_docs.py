@@ -99,7 +99,8 @@ def test_anchor_follows_githubs_rule(heading, expected):
 
 def test_the_checker_finds_what_leads_nowhere():
     good = ["docs/spec.md#9-the-papers-reported-numbers", "docs/spec.md Sec. 7",
-            "[a link](docs/distributed.md#the-lock)", "[here](#quick-start)", 'README, "Quick start"']
+            "[a link](docs/distributed.md#the-lock)", "[here](#quick-start)",
+            'README, "Quick start"']
     bad = ["docs/spec.md#10-missing", "docs/spec.md Sec. 12", "docs/nope.md",
            'README, "Nothing lost, nothing silent"', "[a link](docs/training.md#no-such)",
            "[a link](docs/spec.md#ten)", "[a link](#no-such-section)", "[a link](nope.md)"]

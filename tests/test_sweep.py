@@ -1,5 +1,5 @@
-"""infra/sweep.py, the training of compare.py's grid: the --gpus process pool (K runs at a time on each
-GPU), runs made otherwise (named, never tabulated, retrained on request, never moved while a
+"""infra/sweep.py, the training of compare.py's grid: the --gpus process pool (K runs at a time on
+each GPU), runs made otherwise (named, never tabulated, retrained on request, never moved while a
 process trains in them), and stops (SIGTERM / SIGINT end a sweep with their exit code)."""
 import fcntl
 import json

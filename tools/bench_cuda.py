@@ -1,7 +1,7 @@
 """The first minutes on a GPU: one command that checks and times train.py's CUDA path
 (docs/performance.md says how to run it and where its figures go).
 
-    python -m tools.bench_cuda [--json bench_cuda.json]        # about 8 minutes at most on one GPU
+    python -m tools.bench_cuda [--json bench_cuda.json]   # about 8 minutes at most on one GPU
 
 Four parts, in this order, each under a time cap (what a cap cuts short is reported as skipped):
 - correctness: one DKEL step (the Sec. 3.3 initialisation, the loss, every gradient, the SGD step
