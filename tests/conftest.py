@@ -1,15 +1,18 @@
 """Make the flat top-level modules importable from tests/, keep the tests on 2 CPU threads, and
-share the tiny synthetic data set of the end-to-end tests and a finished run made by hand."""
+share the tiny synthetic data set of the end-to-end tests, a finished run made by hand, and the
+repository's tracked files."""
 import functools
 import json
 import os
+import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 import cli  # noqa: E402  (after the path is set)
@@ -18,6 +21,12 @@ import train  # noqa: E402
 from models import build_deployable  # noqa: E402
 
 REAL_LOAD = data.load_data
+
+
+def tracked(*patterns: str) -> list[str]:
+    """The files git tracks (those matching `patterns`, if any), relative to the root."""
+    return subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.split()
 
 
 def tiny_data(name, data_dir, device, seed=0):

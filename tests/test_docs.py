@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from conftest import tracked
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DOCS_REFERENCE = re.compile(r"docs/([\w-]+\.md)(#[\w-]+)?(?: Sec\. (\d+))?")
@@ -43,11 +45,6 @@ def anchors(text: str) -> set[str]:
 def read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def tracked(*patterns: str) -> list[str]:
-    return subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.split()
 
 
 def broken_target(path: str, fragment: str | None) -> str | None:
@@ -137,10 +134,13 @@ def documented(pattern: re.Pattern) -> dict[str, list[str]]:
     return found
 
 
+DOCUMENTED_TOOLS = sorted(documented(TOOL_COMMAND))  # "tools.bench_cuda", ...
+
+
 def test_every_tool_is_documented_as_a_command_of_the_root():
     tools = {f"tools.{os.path.basename(name)[:-3]}" for name in tracked("tools/*.py")
              if "__init__" not in name}
-    assert len(tools) == 5 and set(documented(TOOL_COMMAND)) == tools
+    assert len(tools) == 5 and set(DOCUMENTED_TOOLS) == tools
 
 
 # `python -m <module> --help` for each module in turn, as `python -m` runs it (runpy), in one
@@ -162,20 +162,19 @@ print(json.dumps(answers))
 
 @pytest.fixture(scope="module")
 def help_of_each_tool():
-    modules = sorted(documented(TOOL_COMMAND))
-    result = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *modules], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *DOCUMENTED_TOOLS],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("module", sorted(documented(TOOL_COMMAND)))
+@pytest.mark.parametrize("module", DOCUMENTED_TOOLS)
 def test_each_documented_tool_command_answers_help_from_the_root(module, help_of_each_tool):
     code, printed = help_of_each_tool[module]
     assert code == 0 and printed.startswith(f"usage: python -m {module} ")
 
 
-@pytest.mark.parametrize("module", sorted(documented(TOOL_COMMAND)))
+@pytest.mark.parametrize("module", DOCUMENTED_TOOLS)
 def test_a_tool_run_as_a_file_says_how_to_run_it(module):
     path = module.replace(".", "/") + ".py"
     result = subprocess.run([sys.executable, path, "--help"], cwd=ROOT, capture_output=True,

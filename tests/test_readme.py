@@ -14,6 +14,7 @@ import torch
 
 import data
 import train
+from conftest import tracked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
@@ -21,11 +22,11 @@ TRAINING_MD = open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8").
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")  # not the 0 of teacher_peer0
 
 
-def section(title: str) -> str:
-    """The text of the README section `## title`, up to the next `## `."""
-    start = README.index(f"## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start:end if end > 0 else None]
+def section(title: str, text: str = README) -> str:
+    """The text of the section `## title` of `text` (the README), up to the next `## `."""
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
 
 
 def code_blocks(text: str, language: str) -> list[str]:
@@ -37,8 +38,7 @@ def test_readme_is_at_most_9000_characters():
 
 
 def test_no_file_of_the_repository_points_outside_it():
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = tracked()
     outside = "../" + "shared"  # spelled in two pieces so that this file does not name it
     for name in files:
         path = os.path.join(ROOT, name)
@@ -105,7 +105,7 @@ def test_the_smoke_run_prints_what_the_readme_shows_and_its_program_runs_alone(t
     assert train.main(argv) == 0
     printed = capsys.readouterr().out
     shown, = code_blocks(smoke, "text")
-    whole, = code_blocks(TRAINING_MD.split("## The smoke run\n", 1)[1].split("\n## ", 1)[0], "text")
+    whole, = code_blocks(section("The smoke run", TRAINING_MD), "text")
     shown_as_printed(shown, printed)
     rows = summary_lines(whole)
     assert summary_lines(printed).keys() == rows.keys() and len(rows) >= 8
@@ -133,9 +133,7 @@ def test_the_root_holds_the_paper_and_the_machinery_sits_one_folder_down():
     """The README's reading order is the root's Python files; the paper's modules (all of them but
     train.py and compare.py, which wire the paper to the machinery) import nothing of infra/ or
     tools/."""
-    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    root = sorted(name[:-3] for name in files if "/" not in name)
+    root = sorted(name[:-3] for name in tracked("*.py") if "/" not in name)
     assert root == sorted(PAPER_MODULES + ["compare", "train"])
     reading_order = re.findall(r"^\d+\. `(\w+)\.py`", section("Reading order"), flags=re.M)
     assert sorted(reading_order) == root
@@ -144,5 +142,5 @@ def test_the_root_holds_the_paper_and_the_machinery_sits_one_folder_down():
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
         imported |= {node.module or "" for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom)}
+                     if isinstance(node, ast.ImportFrom)}
         assert not {m for m in imported if m.split(".")[0] in ("infra", "tools")}, name
