@@ -42,11 +42,14 @@ METHODS = {
     "pcl": MethodEntry(methods.PCL, "PCL"),
     "baseline": MethodEntry(baselines.Baseline, "Baseline", min_peers=1, schedules=()),
     "dk": MethodEntry(methods.DK, "PCL+L_dk"),
+    "pcl_de": MethodEntry(methods.PCLDE, "PCL+L_de", schedules=("rampup", "w")),  # Table 3
     "dkel": MethodEntry(methods.DKEL, "DKEL", schedules=("rampup", "w")),
     "kd": MethodEntry(baselines.KD, "KD", min_peers=1),  # one network whatever --num-peers says
 }
 # The paper's methods (methods.py): the multi-peer student and its EMA teacher.
-ONLINE_DISTILLATION = ("pcl", "dk", "dkel")
+ONLINE_DISTILLATION = ("pcl", "dk", "pcl_de", "dkel")
+# Those whose objective has the decaying-ensemble term L_de of Eq. (9).
+WITH_DE = ("pcl_de", "dkel")
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,12 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--arch", default="resnet32",
       help=f"architecture (paper Sec. 4.2, docs/spec.md Sec. 5): {', '.join(ARCHS)}")
     a("--method", default="dkel", choices=list(METHODS),
-      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2) (Table 3); kd = offline KD "
-           "(Table 2); the others: Table 1 (docs/spec.md Sec. 6)")
+      help="dkel = Eq. (12), dk = Eq. (2) with L_dk, pcl = Eq. (2), pcl_de = Eq. (2) + L_de "
+           "(Table 3); kd = offline KD (Table 2); the others: Table 1 (docs/spec.md Sec. 6)")
     a("--teacher-run",
       help="kd: finished run whose deployable.pt is the frozen teacher (Table 2, Sec. 4.3)")
     a("--decay", default="exp", choices=DECAYS,
       help="w(ep) in Eq. (12): exp = Eq. (11) (paper), cos = Eq. (13), linear = Eq. (14)")
+    a("--rampup-scales-de", action="store_true",
+      help="dkel, pcl_de: weight L_de by lambda r(ep) w(ep), the earlier reading of Eq. (12) and "
+           "the authors' code's (default, Eq. (12) as printed: lambda w(ep); docs/spec.md Sec. 2)")
     a("--beta", type=float, default=0.5,
       help="beta of Eq. (11), per epoch, never scaled (paper: 0.5, Sec. 4.2)")
     a("--num-peers", type=int, default=3,
@@ -136,13 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
            "deployed peer and epoch on; 0: no selection, the deployed model is peer 0 at the final "
            "epoch")
     a("--ensemble-lr-per-peer", action="store_true",
-      help="pcl/dk/dkel, not in the paper: the ensemble head h of Eq. (3) learns at lr/M, a peer "
+      help="pcl/dk/pcl_de/dkel, not in the paper: the ensemble head h of Eq. (3) learns at lr/M, a peer "
            "classifier's step size. h sees M stacked non-negative features, ~M times a peer "
            "classifier's curvature: at lr 0.1 it is unstable and can stall the peers near chance "
            "on some seeds (docs/training.md). A fixed 1/M from that curvature, not a tuned value")
     a("--authors-code", action="store_true",
-      help="the four behaviours of the authors' DKEL code below at once, as they ran it "
-           "(docs/spec.md Sec. 8; not --authors-pcl-teacher)")
+      help="the four behaviours of the authors' DKEL code below at once, as they ran it, and "
+           "--rampup-scales-de for dkel and pcl_de (docs/spec.md Sec. 8; not "
+           "--authors-pcl-teacher)")
     a("--authors-rampup", action="store_true",
       help="authors' DKEL code (lambd = 0.1): r(ep) = 0.1 exp(-5(1 - ep/0.1)^2) for ep <= 80, 0.1 after")
     a("--authors-init", action="store_true",
@@ -181,9 +188,13 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rampup_epochs is None:
         # NOTE(paper): PCL's R = 80 of 300 epochs, scaled; on TinyImageNet's 100 epochs R = 27.
         args.rampup_epochs = round(PAPER_RAMPUP_FRACTION * args.epochs)
+    if args.rampup_scales_de and args.method not in WITH_DE:
+        parser.error(f"--rampup-scales-de is for --method {' or '.join(WITH_DE)} only")
     if args.authors_code:
         for flag in ("authors_rampup", "authors_ema_warmup", "authors_weight_cutoff", "authors_init"):
             setattr(args, flag, True)
+        # Their loss multiplies L_de by their r(ep) too (src/losses/loss_wrapper.py).
+        args.rampup_scales_de = args.method in WITH_DE
     min_peers = METHODS[args.method].min_peers
     checks = [
         (args.beta < 0, f"--beta must be >= 0, got {args.beta}"),
@@ -198,9 +209,9 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.init_iters < 0, f"--init-iters must be >= 0, got {args.init_iters}"),
         (args.val_size < 0, f"--val-size must be >= 0, got {args.val_size}"),
         (args.ensemble_lr_per_peer and args.method not in ONLINE_DISTILLATION,
-         "--ensemble-lr-per-peer is for --method pcl, dk or dkel only"),
-        (args.authors_pcl_teacher and args.method != "pcl",
-         "--authors-pcl-teacher is for --method pcl only"),
+         "--ensemble-lr-per-peer is for --method pcl, dk, pcl_de or dkel only"),
+        (args.authors_pcl_teacher and args.method not in ("pcl", "pcl_de"),
+         "--authors-pcl-teacher is for --method pcl or pcl_de only"),
         (args.lr <= 0 or args.init_lr <= 0, "--lr and --init-lr must be > 0"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.eval_every < 1, f"--eval-every must be >= 1, got {args.eval_every}"),

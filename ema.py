@@ -43,7 +43,7 @@ class EMATeacher:
         self.ema_decay = ema_decay
         self.authors_warmup = authors_warmup
 
-    def decay_at(self, step: int) -> float:
+    def ema_decay_at(self, step: int) -> float:
         """alpha of Eq. (5), constant (the paper)."""
         if self.authors_warmup:
             # DEVIATION (opt-in, docs/spec.md Sec. 8): the authors' code warms the decay up,
@@ -55,7 +55,7 @@ class EMATeacher:
     @torch.no_grad()
     def update(self, step: int = 0) -> None:
         """Call after every optimizer step of the student; `step` counts those steps from 0."""
-        ema_decay = self.decay_at(step)
+        ema_decay = self.ema_decay_at(step)
         # Eq. (5): theta_T <- alpha * theta_T + (1 - alpha) * theta_S
         #          (lerp: theta_T + (1 - alpha) * (theta_S - theta_T), one fused kernel).
         torch._foreach_lerp_(self.teacher_params, self.student_params, 1.0 - ema_decay)

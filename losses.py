@@ -11,7 +11,7 @@ teacher's logits come from an EMA network that receives no gradient at all, and 
 logits e learn only from their own cross-entropy (Eq. (2)/(12): L_ce(e, y)), so every target is
 detached here, at the point where it becomes a target.
 
-Symbols: T -> `temperature`, lambda -> `kd_weight`, r(ep) -> `rampup`, w(ep) -> `ensemble_weight`,
+Symbols: T -> `temperature`, lambda -> `kd_weight`, r(ep) -> `rampup`, w(ep) -> `teacher_ensemble_weight`,
 beta -> `beta`, m -> M (number of peers).
 """
 import math
@@ -77,7 +77,7 @@ def peer_ensemble_kd(ensemble_logits: torch.Tensor, student_logits: torch.Tensor
     return kd_loss(ensemble_logits.detach()[None], student_logits, temperature)  # (M,)
 
 
-def decay_weight(epoch: int, epochs: int, kind: str = "exp", beta: float = 0.5) -> float:
+def teacher_ensemble_decay(epoch: int, epochs: int, kind: str = "exp", beta: float = 0.5) -> float:
     """The weight w(ep) of the decaying ensemble term, `epoch` 0-based, `epochs` = E."""
     if kind == "exp":
         # Eq. (11): w(ep) = exp(-beta * ep).
@@ -93,11 +93,11 @@ def decay_weight(epoch: int, epochs: int, kind: str = "exp", beta: float = 0.5) 
     raise ValueError(f"unknown decay {kind!r}; choose one of {', '.join(DECAYS)}")
 
 
-def authors_weight_cutoff(ensemble_weight: float) -> float:
+def authors_weight_cutoff(teacher_ensemble_weight: float) -> float:
     """w(ep) as the authors' code uses it with the exponential decay: 0 once below 0.01."""
     # DEVIATION (opt-in --authors-weight-cutoff, docs/spec.md Sec. 8): the authors' code cuts
     # w(ep) = exp(-beta * ep) to 0 below 0.01; the paper's Eq. (11) has no cut-off.
-    return ensemble_weight if ensemble_weight >= 0.01 else 0.0
+    return teacher_ensemble_weight if teacher_ensemble_weight >= 0.01 else 0.0
 
 
 def rampup(epoch: int, rampup_epochs: int) -> float:
@@ -130,34 +130,53 @@ def cross_entropy_per_peer(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return per_sample.view(num_peers, batch).mean(1)                            # (M,)
 
 
+def term_weights(*, kd_weight: float, rampup: float, teacher_ensemble_weight: float,
+                 de_rampup: float, teacher_term: str, with_de: bool) -> dict[str, float]:
+    """The weight that each distillation term gets in Eq. (12) (Eq. (2): w(ep) = 0, no L_de), by
+    the name of its part: "pe", `teacher_term` ("dk" or "pm") and, `with_de`, "de". They are the
+    factors of the equation line in `distillation_objective` (tests/test_losses.py holds them to
+    it); metrics.csv logs them as weight_pe, weight_dk or weight_pm, and weight_de."""
+    weights = {"pe": kd_weight * rampup,
+               teacher_term: kd_weight * rampup * (1.0 - teacher_ensemble_weight)}
+    if with_de:
+        weights["de"] = kd_weight * de_rampup * teacher_ensemble_weight
+    return weights
+
+
 def distillation_objective(student_logits: torch.Tensor, ensemble_logits: torch.Tensor,
                            teacher_logits: torch.Tensor, labels: torch.Tensor, *, temperature: float,
-                           kd_weight: float, rampup: float, ensemble_weight: float,
-                           teacher_term: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                           kd_weight: float, rampup: float, teacher_ensemble_weight: float,
+                           de_rampup: float, teacher_term: str, with_de: bool
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DKEL objective, summed over the M peers, and its named, detached parts (for logging
     without a host sync): s, t (M, B, C), e (B, C), y (B,).
 
-    Eq. (2) is Eq. (12) with w(ep) = 0: PCL passes its peer mean teacher t~ (then the teacher
-    term is L_pm of Eq. (4)), DK the independent teacher (L_dk of Eq. (6)), both with
-    `ensemble_weight` 0, and L_de is then not computed at all; DKEL passes the independent
-    teacher and w(ep) of Eq. (11)/(13)/(14). `teacher_term` names the teacher term among the
-    parts: "pm" or "dk" (the teacher's `term`, ema.py).
+    The teacher logits t are PCL's peer mean teacher t~ (then the teacher term is L_pm of
+    Eq. (4)) or the independent teacher (L_dk of Eq. (6)); `teacher_term` names it among the parts,
+    "pm" or "dk" (the teacher's `term`, ema.py). Eq. (2) (PCL, DK) is Eq. (12) without L_de:
+    `with_de` False and `teacher_ensemble_weight` 0. DKEL and PCL+L_de (Table 3) pass w(ep) of
+    Eq. (11)/(13)/(14) and `with_de`. `de_rampup` is 1 (Eq. (12) as printed) or r(ep) (the earlier
+    reading, below).
     """
-    ce_peers = cross_entropy_per_peer(student_logits, labels).sum()
-    ce_ensemble = F.cross_entropy(ensemble_logits.float(), labels)
-    pe = peer_ensemble_kd(ensemble_logits, student_logits, temperature).sum()
-    teacher_kd = leave_one_out_kd(teacher_logits, student_logits, temperature).sum()
-    parts = {"ce": ce_peers, "ce_ensemble": ce_ensemble, "pe": pe, teacher_term: teacher_kd}
-    if ensemble_weight > 0:
-        parts["de"] = decaying_ensemble_kd(teacher_logits, student_logits, temperature).sum()
-    de = parts.get("de", 0.0)
-    # Eq. (12): L_DKEL = L_ce(e, y) + sum_i [ L_ce(s_i, y) + lambda r(ep) ( L_pe(s_i)
-    #                    + w(ep) L_de(s_i) + (1 - w(ep)) L_dk(s_i) ) ].
-    # Eq. (2): L_PCL = L_ce(e, y) + sum_i [ L_ce(s_i, y) + lambda r(ep) L_pe(s_i)
-    #                  + lambda r(ep) L_pm(s_i) ] is this line at w(ep) = 0 (DK: L_dk for L_pm).
-    # NOTE(paper): the paper's words weight L_de by w(ep) and say nothing of L_dk; the factor
-    # (1 - w(ep)) on L_dk is our reading, taken from the authors' code, whose loss mixes
-    # w * ensemble + (1 - w) * individual (docs/spec.md Sec. 2); the alternative is L_dk at 1.
-    distill = pe + ensemble_weight * de + (1.0 - ensemble_weight) * teacher_kd
-    total = ce_ensemble + ce_peers + kd_weight * rampup * distill
+    w = teacher_ensemble_weight
+    ce_ensemble = F.cross_entropy(ensemble_logits.float(), labels)                  # L_ce(e, y)
+    ce_peers = cross_entropy_per_peer(student_logits, labels).sum()                # sum_i L_ce(s_i, y)
+    pe = peer_ensemble_kd(ensemble_logits, student_logits, temperature).sum()      # sum_i L_pe(s_i)
+    dk = leave_one_out_kd(teacher_logits, student_logits, temperature).sum()       # sum_i L_dk(s_i)
+    de = (decaying_ensemble_kd(teacher_logits, student_logits, temperature).sum()  # sum_i L_de(s_i)
+          if with_de else torch.zeros((), device=student_logits.device))
+    # NOTE(paper): r(ep) is PCL's ramp-up of the terms DKEL inherits from PCL (L_pe, and L_dk in
+    # L_pm's place); L_de has its own schedule w(ep) (Sec. 3.4: "a strong teacher during the early
+    # training"). `de_rampup` = r(ep) is the earlier reading, lambda r(ep) w(ep) on L_de, which the
+    # authors' code computes (--rampup-scales-de). The (1 - w(ep)) on L_dk is the authors' code's
+    # mixing, a reading too (docs/spec.md Sec. 2).
+    # Eq. (12): L_DKEL = L_ce(e, y) + sum_i [ L_ce(s_i, y)
+    #                    + lambda r(ep) ( L_pe(s_i) + (1 - w(ep)) L_dk(s_i) ) + lambda w(ep) L_de(s_i) ]
+    total = (ce_ensemble + ce_peers
+             + kd_weight * rampup * (pe + (1 - w) * dk) + kd_weight * de_rampup * w * de)
+    # Eq. (2): L_PCL = L_ce(e, y) + sum_i [ L_ce(s_i, y) + lambda r(ep) L_pe(s_i) + lambda r(ep) L_pm(s_i) ]
+    #          is the line above at w(ep) = 0 without L_de, with PCL's teacher (DK: L_dk for L_pm).
+    parts = {"ce": ce_peers, "ce_ensemble": ce_ensemble, "pe": pe, teacher_term: dk}
+    if with_de:
+        parts["de"] = de
     return total, {name: value.detach() for name, value in parts.items()}

@@ -1,5 +1,6 @@
-"""The paper's three online-distillation methods, PCL, DK and DKEL (Sec. 3.2-3.4, Table 3), and
-`Method`, the one interface between a method and the training loop of train.py.
+"""The paper's online-distillation methods, the four rows of its Table 3 (PCL, DK, PCL+L_de and
+DKEL, Sec. 3.2-3.4), and `Method`, the one interface between a method and the training loop of
+train.py.
 
 All three train the same multi-peer student (models.py: a shared trunk, M peers each on its own
 augmented view, the Eq. (3) ensemble head) with one objective (losses.distillation_objective):
@@ -9,6 +10,8 @@ augmented view, the Eq. (3) ensemble head) with one objective (losses.distillati
   (ema.IndependentTeacher), copied from the student and trained alone for k iterations before
   training starts (Sec. 3.3, ema.initialise_teacher).
 - DKEL, Eq. (12): DK plus the decaying ensemble term L_de of Eq. (9), weighted by w(ep).
+- PCL+L_de (Table 3's "+L_de" row): PCL plus L_de on PCL's own teacher, Ebar_i the mean of the
+  peer mean teacher's t~_j, j != i, weighted as in Eq. (12).
 After every optimizer step the teacher follows the student by Eq. (5) (`after_step`).
 
 The compared methods of Tables 1 and 2 (baselines.py) implement the same `Method` interface.
@@ -19,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ema import IndependentTeacher, PeerMeanNetwork, PeerMeanTeacher, initialise_teacher
-from losses import distillation_objective
+from losses import distillation_objective, term_weights
 from models import MultiPeerNet
 
 
@@ -29,7 +32,9 @@ class Method(abc.ABC):
     - The objective: `loss(views, labels, weights)` gives the loss of one step and its named,
       detached parts. `views` is (num_views, B, 3, H, W): every peer its own augmented view when
       `num_views` = M, one augmented batch for every network or branch when it is 1; `weights`
-      holds the epoch's r(ep) ("rampup") and w(ep) ("ensemble_weight").
+      holds the epoch's r(ep) ("rampup") and w(ep) ("teacher_ensemble_weight").
+    - The weights of its distillation terms in an epoch's objective: `term_weights(weights)`, by
+      the name of the term's part (metrics.csv: weight_<name>); none by default.
     - The step after the optimizer's: `after_step(step)` (Eq. (5) for an EMA teacher).
     - The initialisation, before the first epoch: `initialise(batches)` (Sec. 3.3).
     - The evaluation outputs: `eval_logits(images)` gives every output's logits (docs/spec.md
@@ -73,6 +78,10 @@ class Method(abc.ABC):
     def after_step(self, step: int) -> None:
         """After optimizer step `step` (counted from 0): nothing."""
 
+    def term_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        """The weight of each distillation term in the epoch's objective: none logged."""
+        return {}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter that takes a gradient (an EMA teacher's take none)."""
         return [p for module in self.modules().values() for p in module.parameters()
@@ -85,13 +94,20 @@ class Method(abc.ABC):
 
 class OnlineDistillation(Method):
     """The multi-peer student with the ensemble head of Eq. (3), its EMA teacher, and how a step
-    and an evaluation use them. PCL, DK and DKEL differ only in the teacher (`make_teacher`), in
-    its initialisation (`initialise`) and in w(ep) (`ensemble_weight`)."""
+    and an evaluation use them. PCL, DK, PCL+L_de and DKEL differ only in the teacher
+    (`make_teacher`), in its initialisation (`initialise`) and in whether their objective has L_de
+    (`with_de`).
+
+    `rampup_scales_de` weights L_de by lambda r(ep) w(ep), the earlier reading of Eq. (12) and the
+    authors' code's, instead of lambda w(ep) (losses.distillation_objective)."""
+    with_de = False             # Eq. (2): no decaying-ensemble term
 
     def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float,
                  ema_decay: float, device: torch.device | str = "cpu",
-                 authors_ema_warmup: bool = False, ensemble_lr_per_peer: bool = False):
+                 authors_ema_warmup: bool = False, ensemble_lr_per_peer: bool = False,
+                 rampup_scales_de: bool = False):
         self.temperature, self.kd_weight = temperature, kd_weight
+        self.rampup_scales_de = rampup_scales_de
         self.ensemble_lr_per_peer = ensemble_lr_per_peer
         self.student = student.to(device)
         self.teacher = self.make_teacher(ema_decay, authors_ema_warmup)
@@ -102,9 +118,17 @@ class OnlineDistillation(Method):
     def make_teacher(self, ema_decay: float, authors_warmup: bool):
         """The EMA teacher of the student (ema.py)."""
 
-    def ensemble_weight(self, weights: dict[str, float]) -> float:
-        """w(ep) of Eq. (12); Eq. (2) (PCL, DK) has no decaying-ensemble term: 0."""
-        return 0.0
+    def epoch_factors(self, weights: dict[str, float]) -> dict[str, float]:
+        """r(ep), w(ep) (0 without L_de: Eq. (2)) and the factor of L_de's weight that is r(ep) under
+        the earlier reading and 1 under Eq. (12) as printed."""
+        w = weights["teacher_ensemble_weight"] if self.with_de else 0.0
+        de_rampup = weights["rampup"] if self.rampup_scales_de else 1.0
+        return {"rampup": weights["rampup"], "teacher_ensemble_weight": w, "de_rampup": de_rampup}
+
+    def term_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        """lambda times what multiplies each term in the epoch's Eq. (12) or Eq. (2)."""
+        return term_weights(kd_weight=self.kd_weight, teacher_term=self.teacher.term,
+                            with_de=self.with_de, **self.epoch_factors(weights))
 
     def teacher_logits(self, views: torch.Tensor, student_out) -> torch.Tensor:
         """Teacher peer logits (M, B, C), under no_grad: the teacher learns only by Eq. (5), so
@@ -117,9 +141,9 @@ class OnlineDistillation(Method):
         teacher_logits = self.teacher_logits(views, out)                     # (M, B, C)
         loss, parts = distillation_objective(out.logits, out.ensemble, teacher_logits, labels,
                                              temperature=self.temperature,
-                                             kd_weight=self.kd_weight, rampup=weights["rampup"],
-                                             ensemble_weight=self.ensemble_weight(weights),
-                                             teacher_term=self.teacher.term)  # "pm" or "dk"
+                                             kd_weight=self.kd_weight,
+                                             teacher_term=self.teacher.term,  # "pm" or "dk"
+                                             with_de=self.with_de, **self.epoch_factors(weights))
         parts["correct"] = (out.logits.argmax(-1) == labels).float().mean(-1).mean()
         parts["logit_norm"] = teacher_logits.float().norm(dim=-1).mean()  # collapse watch
         return loss, parts
@@ -169,15 +193,9 @@ class OnlineDistillation(Method):
 class PCL(OnlineDistillation):
     """Eq. (2): PCL's peer mean teacher (Eq. (4), L_pm), no initialisation (Table 3, row 1)."""
 
-    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float,
-                 ema_decay: float, device: torch.device | str = "cpu",
-                 authors_ema_warmup: bool = False, ensemble_lr_per_peer: bool = False,
-                 authors_pcl_teacher: bool = False):
+    def __init__(self, student: MultiPeerNet, *, authors_pcl_teacher: bool = False, **online):
         self.authors_pcl_teacher = authors_pcl_teacher
-        super().__init__(student, temperature=temperature, kd_weight=kd_weight,
-                         ema_decay=ema_decay, device=device,
-                         authors_ema_warmup=authors_ema_warmup,
-                         ensemble_lr_per_peer=ensemble_lr_per_peer)
+        super().__init__(student, **online)
 
     def make_teacher(self, ema_decay: float, authors_warmup: bool):
         if self.authors_pcl_teacher:
@@ -190,14 +208,9 @@ class PCL(OnlineDistillation):
 class DK(OnlineDistillation):
     """Eq. (2) with L_dk of Eq. (6): the independent teacher, initialised by Sec. 3.3."""
 
-    def __init__(self, student: MultiPeerNet, *, temperature: float, kd_weight: float,
-                 ema_decay: float, init_iters: int, init_lr: float,
-                 device: torch.device | str = "cpu", authors_init: bool = False,
-                 authors_ema_warmup: bool = False, ensemble_lr_per_peer: bool = False):
-        super().__init__(student, temperature=temperature, kd_weight=kd_weight,
-                         ema_decay=ema_decay, device=device,
-                         authors_ema_warmup=authors_ema_warmup,
-                         ensemble_lr_per_peer=ensemble_lr_per_peer)
+    def __init__(self, student: MultiPeerNet, *, init_iters: int, init_lr: float,
+                 authors_init: bool = False, **online):
+        super().__init__(student, **online)
         # Sec. 3.3's step 2: the paper's k iterations at --init-lr, no weight decay (our reading).
         self.init_iters, self.init_lr, self.init_weight_decay = init_iters, init_lr, 0.0
         if authors_init:
@@ -217,8 +230,13 @@ class DK(OnlineDistillation):
                                self.init_weight_decay)
 
 
+class PCLDE(PCL):
+    """Table 3's "+L_de" row: Eq. (2) plus the decaying ensemble term on PCL's own teacher, weighted
+    as in Eq. (12): lambda r(ep) (L_pe + (1 - w(ep)) L_pm) + lambda w(ep) L_de, where Ebar_i of
+    Eq. (10) is the mean of the peer mean teacher's logits t~_j, j != i (docs/spec.md Sec. 2)."""
+    with_de = True
+
+
 class DKEL(DK):
     """Eq. (12): DK plus the decaying ensemble term L_de of Eq. (9), weighted by w(ep)."""
-
-    def ensemble_weight(self, weights: dict[str, float]) -> float:
-        return weights["ensemble_weight"]  # w(ep) of Eq. (11), (13) or (14)
+    with_de = True

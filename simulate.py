@@ -41,7 +41,7 @@ import matplotlib
 import torch
 
 from cli import HelpFormatter, Parser
-from losses import decay_weight
+from losses import teacher_ensemble_decay
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -103,11 +103,11 @@ def teacher_pull(students: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor
     return pulls / (num_peers - 1)
 
 
-def student_step(students: torch.Tensor, teachers: torch.Tensor, ensemble_weight: float,
+def student_step(students: torch.Tensor, teachers: torch.Tensor, teacher_ensemble_weight: float,
                  eta: float) -> torch.Tensor:
     """Eq. (7) for every student peer at once: one optimizer step on the sum of the peers' losses.
 
-    `ensemble_weight` is w(ep) of Eq. (12); it is 0 for PCL and DK, which reduces the step to
+    `teacher_ensemble_weight` is w(ep) of Eq. (12); it is 0 for PCL and DK, which reduces the step to
     Eq. (7) with the targets Y (L_ce), E (L_pe) and the other teacher peers (L_pm or L_dk).
     """
     # NOTE(paper): E is the mean of every student peer, S_i included (Eq. (3); the midpoint of
@@ -121,8 +121,8 @@ def student_step(students: torch.Tensor, teachers: torch.Tensor, ensemble_weight
     # Eq. (7) / (12): S_i' = S_i + eta * [unit(Y - S_i) + unit(E - S_i)
     #                  + w * unit(E_bar_i - S_i) + (1 - w) * 1/(m-1) * sum_{j != i} unit(T_j - S_i)]
     direction = (unit(-students) + unit(ensemble - students)
-                 + ensemble_weight * unit(leave_one_out_mean(teachers) - students)
-                 + (1 - ensemble_weight) * teacher_pull(students, teachers))  # (N, M, 2)
+                 + teacher_ensemble_weight * unit(leave_one_out_mean(teachers) - students)
+                 + (1 - teacher_ensemble_weight) * teacher_pull(students, teachers))  # (N, M, 2)
     return students + eta * direction
 
 
@@ -152,9 +152,9 @@ def initial_points(trials: int, num_peers: int, radius: float, shape: str,
     return torch.stack((angles.cos(), angles.sin()), dim=-1) * radii[..., None]  # (N, M, 2)
 
 
-def ensemble_weights(method: str, epochs: int, decay: str, beta: float) -> list:
+def teacher_ensemble_weights(method: str, epochs: int, decay: str, beta: float) -> list:
     """w(ep) for ep = 0 .. epochs-1: Eq. (11) / (13) / (14) for DKEL, 0 for PCL and DK."""
-    return [decay_weight(epoch, epochs, decay, beta) if method == "dkel" else 0.0
+    return [teacher_ensemble_decay(epoch, epochs, decay, beta) if method == "dkel" else 0.0
             for epoch in range(epochs)]
 
 
@@ -194,7 +194,7 @@ def run_montecarlo(args: argparse.Namespace) -> dict:
         # PCL's mean teacher starts as a copy of the student; DK and DKEL initialise it (Sec. 3.3).
         init_iters = 0 if method == "pcl" else args.init_iters
         teachers = initialise_teachers(students, init_iters, args.init_lr)
-        weights = ensemble_weights(method, args.epochs, args.decay, args.beta)
+        weights = teacher_ensemble_weights(method, args.epochs, args.decay, args.beta)
         curves[method] = simulate(students, teachers, weights, args.eta,
                                   args.ema_decay)  # (E+1, N)
     return curves

@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 import data
 from baselines import KD, Baseline
-from cli import METHODS, resolve_args
+from cli import METHODS, ONLINE_DISTILLATION, resolve_args
 from ema import IndependentTeacher
-from losses import authors_rampup, authors_weight_cutoff, decay_weight, rampup
-from methods import DK, DKEL, PCL
+from losses import authors_rampup, authors_weight_cutoff, teacher_ensemble_decay, rampup
+from methods import DK, DKEL, PCL, PCLDE
 from models import multi_peer_net
 # The machinery beyond the paper (infra/): torchrun, the report, the run directory.
 from infra import distributed, report, rundir
@@ -84,8 +84,8 @@ def train(args, stop: rundir.StopRequests) -> dict:
             stop.check(args.out_dir, epoch, state["step"])
         # The epoch's one host-device sync: the logged means (torchrun: over every rank).
         means = report.epoch_means(distributed.end_of_epoch(method, totals), num_batches)
-        row = epoch_row(epoch, lr, weights, means, num_batches * args.batch_size,
-                        time.perf_counter() - start)
+        row = epoch_row(epoch, lr, weights, method.term_weights(weights), means,
+                        num_batches * args.batch_size, time.perf_counter() - start)
         rundir.check_health(row, args.out_dir, args.collapse_threshold)
         # Evaluation (docs/spec.md Sec. 4); with a validation split, the model selection too.
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -116,10 +116,10 @@ def epoch_weights(args, epoch: int) -> dict[str, float]:
     """r(ep) of Eq. (2)/(12) and w(ep) of Eq. (11)/(13)/(14) for a 0-based epoch, the paper's or,
     opt-in, the authors' code's (losses.authors_rampup, losses.authors_weight_cutoff)."""
     ramp = authors_rampup(epoch) if args.authors_rampup else rampup(epoch, args.rampup_epochs)
-    ensemble_weight = decay_weight(epoch, args.epochs, args.decay, args.beta)
+    w = teacher_ensemble_decay(epoch, args.epochs, args.decay, args.beta)
     if args.authors_weight_cutoff and args.decay == "exp":
-        ensemble_weight = authors_weight_cutoff(ensemble_weight)
-    return {"rampup": ramp, "ensemble_weight": ensemble_weight}
+        w = authors_weight_cutoff(w)
+    return {"rampup": ramp, "teacher_ensemble_weight": w}
 
 
 @torch.no_grad()
@@ -159,16 +159,18 @@ def load_data(args, device: torch.device) -> data.ImageData:
 
 def build_method(args, dataset: data.ImageData, device: torch.device):
     """The method of `args.method` and the flags that reach it: the paper's methods (pcl, dk,
-    dkel) take the multi-peer student, offline KD its frozen teacher, the others an architecture."""
+    pcl_de, dkel) take the multi-peer student, offline KD its frozen teacher, the others an architecture."""
     num_classes = dataset.num_classes
     distillation = {"temperature": args.temperature, "kd_weight": args.kd_weight}
-    if args.method in ("pcl", "dk", "dkel"):
+    if args.method in ONLINE_DISTILLATION:
         student = multi_peer_net(args.arch, num_classes, args.num_peers)
         online = {"ema_decay": args.ema_decay, "device": device,
                   "authors_ema_warmup": args.authors_ema_warmup,
-                  "ensemble_lr_per_peer": args.ensemble_lr_per_peer, **distillation}
-        if args.method == "pcl":
-            return PCL(student, authors_pcl_teacher=args.authors_pcl_teacher, **online)
+                  "ensemble_lr_per_peer": args.ensemble_lr_per_peer,
+                  "rampup_scales_de": args.rampup_scales_de, **distillation}
+        if args.method in ("pcl", "pcl_de"):
+            return (PCL if args.method == "pcl" else PCLDE)(
+                student, authors_pcl_teacher=args.authors_pcl_teacher, **online)
         initialisation = {"init_iters": args.init_iters, "init_lr": args.init_lr,
                           "authors_init": args.authors_init}
         return (DK if args.method == "dk" else DKEL)(student, **initialisation, **online)
@@ -233,12 +235,15 @@ def add_to(totals: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> 
         totals[name] = totals.get(name, 0.0) + value.float()
 
 
-def epoch_row(epoch: int, lr: float, weights: dict[str, float], means: dict[str, float],
-              images: int, seconds: float) -> dict:
-    """The epoch's row of metrics.csv; r(ep) and w(ep) are its columns "rampup" and "w"."""
+def epoch_row(epoch: int, lr: float, weights: dict[str, float], term_weights: dict[str, float],
+              means: dict[str, float], images: int, seconds: float) -> dict:
+    """The epoch's row of metrics.csv: r(ep) and w(ep) are its columns "rampup" and "w", the weight
+    each distillation term gets in the epoch's objective (lambda times all that multiplies it) its
+    columns "weight_<term>"."""
     return {"epoch": epoch + 1, "lr": lr, "rampup": weights["rampup"],
-            "w": weights["ensemble_weight"], **means, "epoch_seconds": seconds,
-            "images_per_s": images / seconds}
+            "w": weights["teacher_ensemble_weight"],
+            **{f"weight_{term}": value for term, value in term_weights.items()},
+            **means, "epoch_seconds": seconds, "images_per_s": images / seconds}
 
 
 def save_epoch(args, method, optimizer, scheduler, state: dict, config: dict) -> None:

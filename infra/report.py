@@ -92,11 +92,19 @@ def write_summary(args: argparse.Namespace, method, data, state: dict) -> dict:
         "paper_convention_best_peer_best_epoch": {"acc": best_value, "epoch": best_epoch,
                                                   "output": best_key, "selected_on": "test split"},
         "deployable": deployable,
+        "summed_term_weights": summed_term_weights(history),
         "train_seconds": sum(row["epoch_seconds"] for row in history),
         "test_images": len(data.test_labels),  # the accuracies' denominator (binomial error)
     }
     write_json(summary, os.path.join(args.out_dir, "summary.json"))
     return summary
+
+
+def summed_term_weights(history: list[dict]) -> dict[str, float]:
+    """Each distillation term's weight summed over the run's epochs (metrics.csv's weight_<term>):
+    how much the term acted, at a glance (L_de at ~0.02 of L_dk's sum would train as DK)."""
+    terms = [k for k in history[-1] if k.startswith("weight_")]
+    return {k[len("weight_"):]: sum(row.get(k, 0.0) for row in history) for k in terms}
 
 
 def headline(summary: dict) -> float:
@@ -123,6 +131,10 @@ def summary_table(summary: dict) -> str:
                      f"mean): {headline(summary):.2f}%")
     lines.append(f"paper's convention (best deployed output at its best epoch, selected on the "
                  f"test split): {best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
+    summed = summary.get("summed_term_weights")
+    if summed:
+        lines.append(f"each distillation term's weight summed over the {summary['epochs']} epochs: "
+                     + ", ".join(f"{term} {value:.3g}" for term, value in summed.items()))
     return "\n".join(lines)
 
 
@@ -133,6 +145,7 @@ def epoch_line(row: dict, epochs: int, history: list[dict], schedules: tuple[str
     the time left."""
     seconds = sum(r["epoch_seconds"] for r in history) / len(history)
     weights = "".join(f" {'r' if name == 'rampup' else name}={row[name]:.3f}" for name in schedules)
+    weights += "".join(f" {k}={v:.3g}" for k, v in row.items() if k.startswith("weight_"))
     names = ("loss", "ce", "ce_ensemble", "ce_leader", "pe", "pm", "dk", "de", "kd", "kd_leader")
     losses = " ".join(f"{k}={row[k]:.3f}" for k in names if k in row)
     test = (f" | test deployed_mean {row['acc_deployed_mean']:.2f}%" if "acc_deployed_mean" in row
@@ -152,7 +165,7 @@ def pyplot():
 
 # metrics.csv columns that are not loss parts (everything else in a row is one).
 NOT_LOSSES = {"epoch", "lr", "w", "rampup", "logit_norm", "train_acc", "epoch_seconds",
-              "images_per_s"}
+              "images_per_s", "weight_pe", "weight_pm", "weight_dk", "weight_de"}
 
 
 # (line style, marker) of a panel's lines in turn: lines that coincide (three student peers at

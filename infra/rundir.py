@@ -87,8 +87,11 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
 
 
 def with_defaults(saved: dict) -> dict:
-    """A saved configuration with each flag it lacks at its default (cli.defaults)."""
-    return {**cli.defaults(), **saved}
+    """A saved configuration with each flag it lacks at its default (cli.defaults), but for
+    --rampup-scales-de: a DKEL run made before it existed was made with the reading it now names
+    (L_de weighted by lambda r(ep) w(ep), docs/spec.md Sec. 2)."""
+    made_before = {"rampup_scales_de": saved.get("method") == "dkel"}
+    return {**cli.defaults(), **made_before, **saved}
 
 
 def as_compared(key: str, value):

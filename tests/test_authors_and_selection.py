@@ -36,11 +36,11 @@ def test_authors_rampup_by_hand():
 
 def test_authors_weight_cutoff_only_for_the_exponential_decay():
     # beta = 0.5: exp(-0.5 ep) = 0.0111 at ep 9, 0.0067 at ep 10.
-    assert weights(9, "--authors-weight-cutoff")["ensemble_weight"] == pytest.approx(math.exp(-4.5))
-    assert weights(10, "--authors-weight-cutoff")["ensemble_weight"] == 0.0
-    assert weights(10)["ensemble_weight"] == pytest.approx(math.exp(-5.0))
+    assert weights(9, "--authors-weight-cutoff")["teacher_ensemble_weight"] == pytest.approx(math.exp(-4.5))
+    assert weights(10, "--authors-weight-cutoff")["teacher_ensemble_weight"] == 0.0
+    assert weights(10)["teacher_ensemble_weight"] == pytest.approx(math.exp(-5.0))
     # cos decay at ep = 299 of 300: 0.5 (1 + cos(pi 299/300)) = 2.7e-5 < 0.01, and it is kept.
-    late = weights(299, "--authors-weight-cutoff", "--decay", "cos")["ensemble_weight"]
+    late = weights(299, "--authors-weight-cutoff", "--decay", "cos")["teacher_ensemble_weight"]
     assert late == pytest.approx(0.5 * (1 + math.cos(math.pi * 299 / 300))) and late > 0
 
 

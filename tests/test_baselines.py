@@ -215,7 +215,7 @@ def test_cl_method_scales_its_trunk_gradient():
     captured = []
     method.net.trunk.register_forward_hook(lambda module, inputs, output: captured.append(output))
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    weights = {"rampup": 1.0, "ensemble_weight": 0.0}
+    weights = {"rampup": 1.0, "teacher_ensemble_weight": 0.0}
     loss, _ = method.objective(method.outputs(images), labels, weights)
     (scaled,) = torch.autograd.grad(loss, captured[0])
     logits, _ = method.net.run_peers(captured[0].unsqueeze(0))          # the same feature, unscaled
@@ -261,7 +261,7 @@ def test_one_training_step_and_evaluation(name):
     assert method.num_views == num_views
     views, labels = torch.randn(num_views, 4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.set_mode(True)
-    loss, parts = method.loss(views, labels, {"rampup": 0.5, "ensemble_weight": 0.3})
+    loss, parts = method.loss(views, labels, {"rampup": 0.5, "teacher_ensemble_weight": 0.3})
     assert torch.isfinite(loss) and {"ce", "correct", "logit_norm"} <= set(parts)
     assert 0.0 <= parts["correct"].item() <= 1.0 and parts["logit_norm"].item() > 0
     loss.backward()
@@ -333,7 +333,7 @@ def test_kd_teacher_is_loaded_frozen_and_never_checkpointed(tmp_path):
     views, labels = torch.randn(1, 4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.set_mode(True)
     assert method.net.training and not method.teacher.training
-    loss, parts = method.loss(views, labels, {"rampup": 1.0, "ensemble_weight": 0.0})
+    loss, parts = method.loss(views, labels, {"rampup": 1.0, "teacher_ensemble_weight": 0.0})
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
     assert all(p.grad is not None for p in method.trainable_parameters())

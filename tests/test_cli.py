@@ -25,6 +25,7 @@ PROGRAMS = {"train.py": train.main, "compare.py": compare.main, "simulate.py": s
     ("train.py", ["--method", "nope"], "--method"),
     ("train.py", ["--method", "dkel", "--authors-pcl-teacher"], "--authors-pcl-teacher"),
     ("train.py", ["--method", "baseline", "--ensemble-lr-per-peer"], "--ensemble-lr-per-peer"),
+    ("train.py", ["--method", "dk", "--rampup-scales-de"], "--rampup-scales-de"),
     ("compare.py", ["--epochs", "0"], "--epochs"),
     ("compare.py", ["--experiment", "table9"], "--experiment"),
     ("simulate.py", ["montecarlo", "--trials", "0"], "--trials"),
@@ -87,6 +88,12 @@ def test_each_flag_reaches_its_method():
     # The authors' k + 1 steps at lr 0.001 with weight decay 5e-4 (docs/spec.md Sec. 8).
     assert (authors.init_iters, authors.init_lr, authors.init_weight_decay) == (4, 0.001, 5e-4)
     assert authors.teacher.authors_warmup and len(authors.trainable_parameters()) == 2
+    # L_de's weight: lambda w(ep) by default, lambda r(ep) w(ep) with the flag and in the authors'
+    # code; DK and PCL have no L_de, and the authors' code leaves them as they are.
+    assert not dkel.rampup_scales_de and built("--method", "dkel", "--rampup-scales-de").rampup_scales_de
+    assert type(built("--method", "pcl_de").teacher) is PeerMeanTeacher
+    assert built("--method", "pcl_de", "--authors-code").rampup_scales_de
+    assert not authors.rampup_scales_de and not authors.with_de
     okddip = built("--method", "okddip", "--num-peers", "4", "--temperature", "5")
     assert okddip.net.num_peers == 4 and okddip.temperature == 5.0
 

@@ -27,8 +27,10 @@ def test_paper_numbers_transcribed_from_spec():
     assert paper["cifar100", "resnet32", "dk", ""] == (74.67, None)
     assert paper["cifar10", "vgg16", "dkel", "beta0.5"] == (94.89, 0.10)      # Table 4, row 4
     assert paper["cifar100", "resnet32", "dkel", "k5"] == (74.96, None)      # Fig. 6's text
-    # Table 1: 2 x 5 x 8; Table 2: 2 x 7; Table 3's +L_dk: 2; Table 4's row 4: 4; Fig. 6: 4.
-    assert len(paper) == 80 + 14 + 2 + 4 + 4
+    assert paper["cifar10", "resnet32", "pcl_de", ""] == (94.35, None)     # Table 3's +L_de
+    # Table 1: 2 x 5 x 8; Table 2: 2 x 7; Table 3's +L_dk and +L_de: 4; Table 4's row 4: 4;
+    # Fig. 6: 4.
+    assert len(paper) == 80 + 14 + 4 + 4 + 4
 
 
 def test_paper_results_csv_reads_like_the_papers_tables():
@@ -150,10 +152,11 @@ def test_table2_trains_kd_from_its_baseline_run(tmp_path):
 READ_BACK = {
     "table3": ("cifar100_resnet32_dk_seed0",
                ["--dataset", "cifar100", "--arch", "resnet32", "--method", "dk"],
-               "| network | PCL | PCL+L_dk | DKEL |",
-               "| cifar100 resnet32 | — (74.14±0.05) | 61.50 (n=1) (74.67) | "
+               "| network | PCL | PCL+L_dk | PCL+L_de | DKEL |",
+               "| cifar100 resnet32 | — (74.14±0.05) | 61.50 (n=1) (74.67) | — (74.64) | "
                "— (74.83±0.12) |",
-               "| cifar10 resnet32 | — (94.33±0.06) | — (94.54) | — (94.56±0.06) |", 5),
+               "| cifar10 resnet32 | — (94.33±0.06) | — (94.54) | — (94.35) | — (94.56±0.06) |",
+               7),
     "table4": ("cifar100_densenet40_12_dkel_beta0.2_seed0",
                ["--dataset", "cifar100", "--arch", "densenet40_12", "--beta", "0.2"],
                "| setting | vgg16 cifar10 | vgg16 cifar100 | densenet40_12 cifar10 | densenet40_12 "
@@ -191,10 +194,14 @@ def test_each_experiment_reads_its_runs_back(tmp_path, experiment):
     assert (tmp_path / f"{experiment}_cifar10_cifar100.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_table3_and_table4_say_what_the_paper_has_that_we_do_not(tmp_path):
+def test_table3_is_whole_and_table4_says_what_the_paper_has_that_we_do_not(tmp_path, capsys):
+    """Table 3's four rows are trained, +L_de as pcl_de; its note names the deployed-trunk change."""
+    assert compare.main(["--experiment", "table3", "--runs-dir", str(tmp_path), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.count("--method pcl_de") == 6  # 2 data sets x 3 seeds
     assert compare.main(["--experiment", "table3", "--runs-dir", str(tmp_path), "--read-only"]) == 1
     table3 = (tmp_path / "table3_cifar10_cifar100.md").read_text()
-    assert "94.35 (cifar10) / 74.64 (cifar100)" in table3
+    assert "not trained" not in table3 and "own trunk" in table3
     assert compare.main(["--experiment", "table4", "--runs-dir", str(tmp_path), "--read-only"]) == 1
     table = (tmp_path / "table4_cifar10_cifar100.md").read_text()
     printed = ["94.62 76.87 93.95 73.36", "94.25 76.73 93.97 73.21", "94.59 76.74 93.85 72.82",

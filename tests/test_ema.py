@@ -43,7 +43,7 @@ def test_n_updates_with_fixed_student_match_closed_form():
 def test_authors_warmup_copies_student_at_first_step():
     student, teacher = _pair()
     ema = EMATeacher(teacher, student, 0.999, authors_warmup=True)
-    assert ema.decay_at(0) == 0.0 and ema.decay_at(1) == 0.5 and ema.decay_at(10 ** 6) == 0.999
+    assert ema.ema_decay_at(0) == 0.0 and ema.ema_decay_at(1) == 0.5 and ema.ema_decay_at(10 ** 6) == 0.999
     ema.update(0)
     for p_t, p_s in zip(teacher.parameters(), student.parameters()):
         assert torch.equal(p_t, p_s)

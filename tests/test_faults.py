@@ -256,6 +256,17 @@ def test_a_run_made_before_a_flag_existed_resumes_at_the_flags_default(tmp_path,
     assert "--ensemble-lr-per-peer: False -> True" in capsys.readouterr().err
 
 
+def test_a_dkel_run_made_before_rampup_scales_de_existed_is_of_that_reading(tmp_path, capsys):
+    """A DKEL config.json without rampup_scales_de was made with the reading it now names (L_de at
+    lambda r(ep) w(ep)): it resumes with the flag and is another run without it."""
+    finished_run(tmp_path)  # the default method, dkel
+    without_setting(tmp_path, "rampup_scales_de")
+    capsys.readouterr()
+    assert train.main(args_for(tmp_path, "--epochs", "1", "--resume")) == 2
+    assert "--rampup-scales-de: True -> False" in capsys.readouterr().err
+    assert train.main(args_for(tmp_path, "--epochs", "1", "--resume", "--rampup-scales-de")) == 0
+
+
 def test_a_teacher_run_spelt_otherwise_is_the_same_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train.main(args_for("teacher", "--method", "baseline", "--epochs", "1")) == 0

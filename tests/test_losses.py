@@ -1,12 +1,14 @@
-"""Eq. (1)-(4), (6), (9)-(14): each loss against a hand computation or an explicit loop over pairs."""
+"""Eq. (1), (2), (4), (6) and (9)-(14): each loss against a hand computation or an explicit loop over
+pairs, and the logged weight of each term against the factor the objective gives it."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (decay_weight, decaying_ensemble_kd, distillation_objective, kd_loss, leave_one_out_kd,
-                    peer_ensemble_kd, rampup, teacher_ensemble_without_self)
+from losses import (decaying_ensemble_kd, distillation_objective, kd_loss, leave_one_out_kd,
+                    peer_ensemble_kd, rampup, teacher_ensemble_decay, teacher_ensemble_without_self,
+                    term_weights)
 
 
 def test_kd_loss_by_hand():
@@ -84,7 +86,7 @@ def test_peer_ensemble_kd_equals_loop():
     ("linear", (1.0, 0.5, 0.0)),
 ])
 def test_decay_schedules(kind, values):
-    got = [decay_weight(ep, 100, kind, beta=0.5) for ep in (0, 50, 100)]
+    got = [teacher_ensemble_decay(ep, 100, kind, beta=0.5) for ep in (0, 50, 100)]
     assert got == pytest.approx(values, abs=1e-12)
 
 
@@ -95,7 +97,8 @@ def test_rampup():
     assert rampup(0, 0) == 1.0
 
 
-def _objective_by_hand(method, s, e, t, y, w, scale, T=3.0):
+def _objective_by_hand(with_de, s, e, t, y, *, w, kd_weight, r, de_rampup, T=3.0):
+    """Eq. (12) peer by peer as printed (Eq. (2): no L_de, w = 0), L_de times de_rampup."""
     total = F.cross_entropy(e, y)
     for i in range(3):
         others = [j for j in range(3) if j != i]
@@ -103,26 +106,57 @@ def _objective_by_hand(method, s, e, t, y, w, scale, T=3.0):
         pe = kd_loss(e, s[i], T)
         dk = sum(kd_loss(t[j], s[i], T) for j in others) / 2
         de = kd_loss((t[others[0]] + t[others[1]]) / 2, s[i], T)
-        if method == "dkel":
-            total = total + ce + scale * (pe + w * de + (1 - w) * dk)
+        if with_de:
+            total = total + ce + kd_weight * r * (pe + (1 - w) * dk) + kd_weight * de_rampup * w * de
         else:
-            total = total + ce + scale * pe + scale * dk
+            total = total + ce + kd_weight * r * pe + kd_weight * r * dk
     return total
 
 
-@pytest.mark.parametrize("method", ["pcl", "dkel"])
-def test_objectives_equal_per_peer_formula(method):
+# (method, teacher term, with L_de, de_rampup): the four rows of Table 3; dkel and pcl_de under
+# Eq. (12) as printed (de_rampup 1) and under the earlier reading (de_rampup = r = 0.5).
+OBJECTIVES = [("pcl", "pm", False, 1.0), ("dk", "dk", False, 1.0), ("pcl_de", "pm", True, 1.0),
+              ("dkel", "dk", True, 1.0), ("dkel", "dk", True, 0.5), ("pcl_de", "pm", True, 0.5)]
+
+
+@pytest.mark.parametrize("method,term,with_de,de_rampup", OBJECTIVES)
+def test_objectives_equal_per_peer_formula(method, term, with_de, de_rampup):
     """Eq. (12) at w = 0.3 and Eq. (2) (w = 0) against the per-peer sums written out by hand."""
     t, s, e = _stacks(b=6, c=5, seed=3)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    w = 0.3 if method == "dkel" else 0.0
-    term = "dk" if method == "dkel" else "pm"
+    w = 0.3 if with_de else 0.0
     total, parts = distillation_objective(s, e, t, y, temperature=3.0, kd_weight=0.7, rampup=0.5,
-                                          ensemble_weight=w, teacher_term=term)
-    expected = _objective_by_hand(method, s, e, t, y, 0.3, 0.35)
+                                          teacher_ensemble_weight=w, de_rampup=de_rampup,
+                                          teacher_term=term, with_de=with_de)
+    expected = _objective_by_hand(with_de, s, e, t, y, w=w, kd_weight=0.7, r=0.5,
+                                  de_rampup=de_rampup)
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert ("de" in parts) == (method == "dkel")  # Eq. (2) never computes L_de
+    assert ("de" in parts) == with_de  # Eq. (2) never computes L_de
     assert set(parts) >= {"ce", "ce_ensemble", "pe", term}
+
+
+@pytest.mark.parametrize("method,term,with_de,de_rampup", OBJECTIVES)
+def test_logged_weights_are_the_objectives_factors(method, term, with_de, de_rampup):
+    """The weight_<term> columns: the objective equals its cross-entropies plus each logged
+    part times its logged weight, and by hand at the first epoch of a run (r = e^-5, w = 1)."""
+    t, s, e = _stacks(b=6, c=5, seed=5)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    factors = {"kd_weight": 0.7, "rampup": 0.4, "teacher_ensemble_weight": 0.3 if with_de else 0.0,
+               "de_rampup": 0.4 if de_rampup != 1.0 else 1.0}
+    total, parts = distillation_objective(s, e, t, y, temperature=3.0, teacher_term=term,
+                                          with_de=with_de, **factors)
+    weights = term_weights(teacher_term=term, with_de=with_de, **factors)
+    assert set(weights) == {"pe", term} | ({"de"} if with_de else set())
+    rebuilt = parts["ce"] + parts["ce_ensemble"] + sum(weights[k] * parts[k] for k in weights)
+    assert total.item() == pytest.approx(rebuilt.item(), rel=1e-6)
+    r = math.exp(-5.0)
+    first = term_weights(kd_weight=1.0, rampup=r, teacher_ensemble_weight=1.0 if with_de else 0.0,
+                         de_rampup=r if de_rampup != 1.0 else 1.0, teacher_term=term,
+                         with_de=with_de)
+    assert first["pe"] == pytest.approx(0.006738, abs=1e-6)
+    assert first[term] == pytest.approx(0.0 if with_de else 0.006738, abs=1e-6)
+    if with_de:  # the printed Eq. (12): L_de at full weight; the earlier reading: at r(0)
+        assert first["de"] == pytest.approx(1.0 if de_rampup == 1.0 else 0.006738, abs=1e-6)
 
 
 def test_no_gradient_reaches_teacher_or_ensemble_through_distillation():
@@ -137,7 +171,8 @@ def test_no_gradient_reaches_teacher_or_ensemble_through_distillation():
     # In the full objective, e's gradient is exactly that of its own cross-entropy.
     e.grad = None
     total, _ = distillation_objective(s, e, t, y, temperature=3.0, kd_weight=1.0, rampup=1.0,
-                                      ensemble_weight=0.5, teacher_term="dk")
+                                      teacher_ensemble_weight=0.5, de_rampup=1.0,
+                                      teacher_term="dk", with_de=True)
     total.backward()
     e_ce = e.detach().clone().requires_grad_(True)
     F.cross_entropy(e_ce, y).backward()
@@ -146,4 +181,4 @@ def test_no_gradient_reaches_teacher_or_ensemble_through_distillation():
 
 def test_unknown_decay_rejected():
     with pytest.raises(ValueError, match="unknown decay"):
-        decay_weight(0, 10, "step")
+        teacher_ensemble_decay(0, 10, "step")

@@ -20,7 +20,7 @@ def dkel_step_grads(method, views, labels, precision):
     method.set_mode(True)
     method.student.zero_grad(set_to_none=True)
     with train.autocast(views.device, precision):
-        loss, _ = method.loss(views, labels, {"rampup": 1.0, "ensemble_weight": 0.5})
+        loss, _ = method.loss(views, labels, {"rampup": 1.0, "teacher_ensemble_weight": 0.5})
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in method.student.parameters()])
 

@@ -98,9 +98,9 @@ def test_teacher_initialisation_copies_then_steps_towards_truth():
     ("linear", [1.0, 0.75, 0.5, 0.25]),
 ])
 def test_decay_weights_used_by_the_simulation(decay, expected):
-    assert simulate.ensemble_weights("dkel", 4, decay, 0.5) == pytest.approx(expected)
-    assert simulate.ensemble_weights("pcl", 4, decay, 0.5) == [0.0] * 4
-    assert simulate.ensemble_weights("dk", 4, decay, 0.5) == [0.0] * 4
+    assert simulate.teacher_ensemble_weights("dkel", 4, decay, 0.5) == pytest.approx(expected)
+    assert simulate.teacher_ensemble_weights("pcl", 4, decay, 0.5) == [0.0] * 4
+    assert simulate.teacher_ensemble_weights("dk", 4, decay, 0.5) == [0.0] * 4
 
 
 def test_one_simulated_epoch_by_hand():

@@ -17,7 +17,7 @@ from methods import DKEL
 from models import multi_peer_net
 
 LR, MOMENTUM = 0.1, 0.9     # the paper's optimizer (Sec. 4.2)
-FIRST_EPOCH = {"rampup": 0.0067, "ensemble_weight": 1.0}  # r(ep) and w(ep) of the first epoch (R = 8 epochs)
+FIRST_EPOCH = {"rampup": 0.0067, "teacher_ensemble_weight": 1.0}  # r(ep) and w(ep) of the first epoch (R = 8 epochs)
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ def read_metrics(out_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("method", ["pcl", "dk", "dkel"])
+@pytest.mark.parametrize("method", ["pcl", "dk", "pcl_de", "dkel"])
 def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
     assert train.main(args_for(tmp_path, "--method", method)) == 0
     assert RUN_FILES <= set(os.listdir(tmp_path))
@@ -40,7 +40,7 @@ def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
                 "acc_student_ensemble",
                 "acc_teacher_peer2", "acc_teacher_ensemble", "epoch_seconds", "images_per_s"):
         assert key in rows[0], key
-    assert ("de" in rows[0]) == (method == "dkel")
+    assert ("de" in rows[0]) == (method in ("dkel", "pcl_de"))
     config = json.load(open(tmp_path / "config.json"))
     assert config["method"] == method and config["milestones"] == [1, 2]
     assert config["torch"] == torch.__version__
@@ -48,16 +48,47 @@ def test_two_epoch_run_writes_every_file(tmp_path, method, capsys):
     final = summary["final"]
     teacher_accs = [final[f"acc_teacher_peer{i}"] for i in range(3)]
     assert summary["headline_final_deployed_mean"] == pytest.approx(sum(teacher_accs) / 3)
-    # The exported model reproduces the accuracy of the teacher peer it was cut from.
+    # The exported model reproduces the accuracy of the teacher peer it was cut from, evaluated
+    # in the run's precision (bf16 on a CPU with native bf16). The same arithmetic on the same
+    # images, in another kernel's summation order (one network, not the multi-peer one), may
+    # round one borderline image of the 128 the other way: at most 1 image, 0.78 points.
     deployed = build_deployable("resnet8", 10)
     deployed.load_state_dict(torch.load(tmp_path / "deployable.pt", weights_only=True))
     test = tiny_data("synthetic", "", "cpu")
-    with torch.no_grad():
+    with torch.no_grad(), train.autocast(torch.device("cpu"), config["precision"]):
         images, labels = next(data.test_batches(test, 128))
-        accuracy = 100.0 * (deployed.eval()(images).argmax(1) == labels).float().mean().item()
-    assert accuracy == pytest.approx(final[f"acc_{summary['deployable']['output']}"])
+        correct = (deployed.eval()(images).argmax(1) == labels).sum().item()
+    run_correct = final[f"acc_{summary['deployable']['output']}"] * 128 / 100
+    assert abs(correct - run_correct) <= 1
     assert summary["test_images"] == len(test.test_labels) == 128  # conftest's tiny test split
     assert "headline" in capsys.readouterr().out
+
+
+R0 = 0.006737946999085467      # r(0) = exp(-5) of a 2-epoch run (R = round(80/300 * 2) = 1)
+W1 = 0.6065306597126334       # w(1) = exp(-0.5), Eq. (11) at beta 0.5
+
+
+@pytest.mark.parametrize("method,flags,epoch1,epoch2", [
+    ("pcl", (), {"pe": R0, "pm": R0}, {"pe": 1.0, "pm": 1.0}),
+    ("dk", (), {"pe": R0, "dk": R0}, {"pe": 1.0, "dk": 1.0}),
+    ("pcl_de", (), {"pe": R0, "pm": 0.0, "de": 1.0}, {"pe": 1.0, "pm": 1 - W1, "de": W1}),
+    ("dkel", (), {"pe": R0, "dk": 0.0, "de": 1.0}, {"pe": 1.0, "dk": 1 - W1, "de": W1}),
+    ("dkel", ("--rampup-scales-de",), {"pe": R0, "dk": 0.0, "de": R0},
+     {"pe": 1.0, "dk": 1 - W1, "de": W1}),
+    # Their r(ep) = 0.1 exp(-5 (1 - ep / 0.1)^2): 0.1 e^-5 at epoch 0, 0.1 e^-405 at epoch 1.
+    ("dkel", ("--authors-code",), {"pe": 0.1 * R0, "dk": 0.0, "de": 0.1 * R0},
+     {"pe": 0.0, "dk": 0.0, "de": 0.0}),
+])
+def test_each_terms_weight_is_logged(tmp_path, method, flags, epoch1, epoch2):
+    """metrics.csv's weight_<term>: lambda times all that multiplies the term in the epoch's
+    objective; summary.json sums them over the run."""
+    assert train.main(args_for(tmp_path, "--method", method, *flags)) == 0
+    rows = read_metrics(tmp_path)
+    for row, expected in zip(rows, (epoch1, epoch2)):
+        logged = {k[len("weight_"):]: float(v) for k, v in row.items() if k.startswith("weight_")}
+        assert logged == pytest.approx(expected, abs=1e-12)
+    summed = json.load(open(tmp_path / "summary.json"))["summed_term_weights"]
+    assert summed == pytest.approx({k: epoch1[k] + epoch2[k] for k in epoch1}, abs=1e-12)
 
 
 @pytest.mark.parametrize("method,deployed", [("baseline", "student_peer0"), ("dml", "student_peer0"),
@@ -152,7 +183,7 @@ def test_teacher_changes_only_by_eq5_after_initialisation():
     method.set_mode(True)
     teacher = method.teacher.network
     before = [p.clone() for p in teacher.parameters()]
-    loss, _ = method.loss(views, labels, {"rampup": 1.0, "ensemble_weight": 0.5})
+    loss, _ = method.loss(views, labels, {"rampup": 1.0, "teacher_ensemble_weight": 0.5})
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     optimizer.step()

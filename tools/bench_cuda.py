@@ -60,7 +60,7 @@ TRAIN_PY = os.path.join(ROOT, "train.py")
 PARTS = ("correctness", "speed", "packing", "multi-gpu")
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.csv", "summary.json", "deployable.pt")
 PAPER_EPOCHS, PAPER_STEPS, TABLE1_RUNS = 300, 390, 270   # Sec. 4.2 (50,000 / 128); Table 1
-FULL_WEIGHTS = {"rampup": 1.0, "ensemble_weight": 0.5}  # r(ep), w(ep): every term of Eq. (12) counts
+FULL_WEIGHTS = {"rampup": 1.0, "teacher_ensemble_weight": 0.5}  # r(ep), w(ep): every term of Eq. (12) counts
 PAY = 1.1   # a further run per GPU pays when it adds at least 10% to the throughput
 # torchrun's epoch-1 loss within 10% of the one-GPU run's: with --sync-bn the two compute the
 # same steps up to rounding (infra/distributed.py); per-rank BatchNorm statistics, without it,

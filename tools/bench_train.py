@@ -37,7 +37,7 @@ from methods import DKEL
 from models import ViewBatchNorm2d, multi_peer_net
 from tools.bench_data import now, reference_loader
 
-WEIGHTS = {"rampup": 0.5, "ensemble_weight": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
+WEIGHTS = {"rampup": 0.5, "teacher_ensemble_weight": 0.01}  # r(ep) and w(ep) of an epoch in the ramp-up (both sides)
 
 
 def dkel_step(args, dataset, device, precision: str, per_view_bn: bool = True):
@@ -101,10 +101,10 @@ def time_reference(args, dataset, loader, device) -> float:
         out = student(views)
         with torch.no_grad():
             teacher_logits = teacher(views).logits
-        loss, _ = distillation_objective(out.logits, out.ensemble, teacher_logits, labels, temperature=3.0,
-                                         kd_weight=1.0, rampup=WEIGHTS["rampup"],
-                                         ensemble_weight=WEIGHTS["ensemble_weight"],
-                                         teacher_term="dk")
+        loss, _ = distillation_objective(out.logits, out.ensemble, teacher_logits, labels,
+                                         temperature=3.0, kd_weight=1.0, rampup=WEIGHTS["rampup"],
+                                         teacher_ensemble_weight=WEIGHTS["teacher_ensemble_weight"],
+                                         de_rampup=1.0, teacher_term="dk", with_de=True)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
