@@ -165,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def scaled_milestones(epochs: int, fractions: tuple[float, float]) -> list[int]:
+    """The paper's two lr milestones at `fractions` of a run of `epochs`, rounded, kept apart, and
+    from 3 epochs on both before the last epoch, so that both act (a milestone at the last epoch
+    never does): [1, 2] at 2 and 3 epochs, [1] at 1 (docs/spec.md Sec. 3)."""
+    first = max(1, round(fractions[0] * epochs))
+    second = max(first + 1, round(fractions[1] * epochs))
+    if epochs >= 3 and second >= epochs:
+        second = epochs - 1
+        first = min(first, second - 1)
+    return sorted({first, min(second, epochs)})
+
+
 def defaults() -> dict:
     """Every flag's default as argparse gives it (before `resolve_args` scales the schedules): what
     a run's config.json that lacks a flag (a run made before the flag existed) was made with."""
@@ -183,10 +195,10 @@ def resolve_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.milestones is None:
         fractions = PAPER_MILESTONES.get(args.dataset, (0.5, 0.75))
-        scaled = {min(args.epochs, max(1, round(f * args.epochs))) for f in fractions}
-        args.milestones = sorted(scaled)
+        args.milestones = scaled_milestones(args.epochs, fractions)
     if args.rampup_epochs is None:
         # NOTE(paper): PCL's R = 80 of 300 epochs, scaled; on TinyImageNet's 100 epochs R = 27.
+        # From 2 epochs on R >= 1 (r(0) = e^-5); one epoch has R = 0, no ramp-up (docs/spec.md Sec. 3).
         args.rampup_epochs = round(PAPER_RAMPUP_FRACTION * args.epochs)
     if args.rampup_scales_de and args.method not in WITH_DE:
         parser.error(f"--rampup-scales-de is for --method {' or '.join(WITH_DE)} only")

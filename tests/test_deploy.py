@@ -1,6 +1,7 @@
 """deployable.pt2 (infra/deploy.py), the deployed model on its own: loaded in a process that cannot
 import this repository, it classifies uint8 images of any batch size with the test accuracy that
-summary.json reports for the deployed model, with and without --val-size, in bf16 and in fp32."""
+summary.json reports for the deployed model (within one image: another kernel's rounding), with
+and without --val-size, in bf16 and in fp32."""
 import json
 import os
 import subprocess
@@ -54,9 +55,12 @@ def test_the_program_alone_scores_the_summary_figure_at_any_batch_size(tmp_path,
     test = tiny_data("synthetic", "", "cpu")
     result = isolated(tmp_path, out_dir / deploy.PROGRAM, (test.test_images, test.test_labels))
     total = len(test.test_labels)
-    # summary.json's figure: the evaluation's count of correct images, as a percentage.
+    # summary.json's figure: the evaluation's count of correct images, as a percentage. The same
+    # arithmetic in another batch size (1, 37, all) and another kernel (the exported program) may
+    # round one borderline image the other way on another CPU (bf16 most of all): within 1 image.
     expected = round(summary["selection"]["test_acc"] * total / 100)
-    assert set(result["correct"].values()) == {expected}, (result["correct"], expected)
+    assert all(abs(correct - expected) <= 1 for correct in result["correct"].values()), \
+        (result["correct"], expected)
     description = result["description"]
     assert description["classes"] == list(test.classes) and len(test.classes) == 10
     assert description["precision"] == flags[1]
