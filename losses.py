@@ -11,8 +11,10 @@ teacher's logits come from an EMA network that receives no gradient at all, and 
 logits e learn only from their own cross-entropy (Eq. (2)/(12): L_ce(e, y)), so every target is
 detached here, at the point where it becomes a target.
 
-Symbols: T -> `temperature`, lambda -> `kd_weight`, r(ep) -> `rampup`, w(ep) -> `teacher_ensemble_weight`,
-beta -> `beta`, m -> M (number of peers).
+Symbols: T -> `temperature`, lambda -> `kd_weight`, r(ep) -> `rampup`, w(ep) ->
+`teacher_ensemble_weight` (the weight of the teacher ensemble Ebar_i, not of the student's ensemble
+e), its schedule -> `teacher_ensemble_decay` (`--decay`: the paper's "decay" of Eq. (11), (13),
+(14); the EMA's alpha is always `ema_decay`), beta -> `beta`, m -> M (number of peers).
 """
 import math
 

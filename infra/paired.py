@@ -1,5 +1,5 @@
-"""Each method against the baseline on the same seeds: the section of compare.py's Tables 1-3 that
-says whether a method's difference from the baseline stands out of the seed noise.
+"""Each method against the baseline (and against DK, where it ran) on the same seeds: the section of
+compare.py's Tables 1-3 that says whether a method's difference stands out of the seed noise.
 
 For every seed that both finished, d = the method's final deployed accuracy minus the baseline's.
 The paired t statistic mean(d) / (std(d) / sqrt(n)) is compared with the two-sided 5% quantile of
@@ -74,9 +74,10 @@ def verdict(differences: list[float]) -> str:
     return "stands out: better" if t > 0 else "stands out: worse"
 
 
-def differences(records: list[dict], baseline: list[dict]) -> list[float]:
-    """A method's final accuracy minus the baseline's, seed by seed (the seeds both finished)."""
-    base = {record["seed"]: record["final"] for record in baseline}
+def differences(records: list[dict], reference: list[dict]) -> list[float]:
+    """A method's final accuracy minus the reference's (the baseline's), seed by seed (the seeds
+    both finished)."""
+    base = {record["seed"]: record["final"] for record in reference}
     return [record["final"] - base[record["seed"]] for record in records if record["seed"] in base]
 
 
@@ -122,27 +123,36 @@ def details(label: str, records: list[dict]) -> str:
 
 def seed_by_seed(entries: dict) -> list[str]:
     """Tables 1-3 with the baseline among the methods: each method's per-seed difference from the
-    baseline, its paired t and verdict; each method's student ensemble, speed and health."""
+    baseline, its paired t and verdict, and likewise from PCL+L_dk (DK) where DK ran, which asks
+    what L_de adds (Table 3); each method's student ensemble, speed and health."""
     lines = ["## Against the baseline, seed by seed (final epoch, deployed model)", "",
              "d = the method's final accuracy minus the baseline's on the same seed, in points; "
              "t = mean(d) / (std(d) / √n); a difference stands out of the seed noise when |t| "
              "exceeds the two-sided 5% quantile of Student's t with n - 1 degrees of freedom.", ""]
     for (dataset, arch), methods in entries.items():
         baseline = methods.get(METHODS["baseline"].label, [])
-        lines += [f"### {dataset} {arch}", "", f"Baseline: {binomial_error(baseline)}.", "",
-                  "| method | d per seed | mean ± std | t (5% quantile) | verdict |",
-                  "|---|---|---|---|---|"]
-        for label, records in methods.items():
-            d = differences(records, baseline)
-            if label == METHODS["baseline"].label or not d:
-                continue
-            t = paired_t(d)
-            quantile = f"{t:.2f} ({t_quantile(len(d) - 1):.2f})" if t is not None else "—"
-            lines.append(f"| {label} | {' '.join(f'{v:+.2f}' for v in d)} | "
-                         f"{cell(*mean_std(d))} | {quantile} | {verdict(d)} |")
+        lines += [f"### {dataset} {arch}", "", f"Baseline: {binomial_error(baseline)}.", ""]
+        lines += against(METHODS["baseline"].label, methods)
+        if methods.get(METHODS["dk"].label) and len(methods) > 2:
+            lines += ["", f"Against {METHODS['dk'].label} (DK) on the same seed, the same way:", ""]
+            lines += against(METHODS["dk"].label, methods)
         lines += ["", "| method | seeds | deployed, final | student ensemble, final | images/s "
                   "(median epoch) | lowest logit norm after ramp-up | lowest test % after ramp-up "
                   "|", "|---|---|---|---|---|---|---|"]
         lines += [details(label, records) for label, records in methods.items()]
         lines.append("")
+    return lines
+
+
+def against(reference: str, methods: dict[str, list[dict]]) -> list[str]:
+    """The table of every other method's per-seed differences from the method `reference`."""
+    lines = ["| method | d per seed | mean ± std | t (5% quantile) | verdict |", "|---|---|---|---|---|"]
+    for label, records in methods.items():
+        d = differences(records, methods[reference])
+        if label in (reference, METHODS["baseline"].label) or not d:
+            continue
+        t = paired_t(d)
+        quantile = f"{t:.2f} ({t_quantile(len(d) - 1):.2f})" if t is not None else "—"
+        lines.append(f"| {label} | {' '.join(f'{v:+.2f}' for v in d)} | "
+                     f"{cell(*mean_std(d))} | {quantile} | {verdict(d)} |")
     return lines

@@ -104,3 +104,11 @@ def test_the_ema_lag_by_hand():
     assert lag["time_constant_steps"] == pytest.approx(1000)
     assert [round(100 * x) for x in lag["start_left_after_epoch"]] == [68, 46, 31, 21, 14]
     assert components.large_w_epochs() == [0, 1, 2, 3, 4]
+
+
+def test_a_run_directory_without_metrics_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        components.main(["--run", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--run" in err and "metrics.csv" in err

@@ -147,7 +147,8 @@ def dkel_run(dataset, argv: list[str], measure_epochs: list[int]) -> list[dict]:
     the last of `measure_epochs`. After each of those epochs (0: after the initialisation): item 1
     on a fixed batch of training views, and the test accuracy of the teacher ensemble against the
     mean student peer (item 2)."""
-    args = cli.resolve_args(["--method", "dkel", "--device", "cpu", *argv])
+    # fp32: the figures then do not depend on whether the CPU computes bf16 natively.
+    args = cli.resolve_args(["--method", "dkel", "--device", "cpu", "--precision", "fp32", *argv])
     torch.manual_seed(args.seed)
     method = train.build_method(args, dataset, torch.device("cpu"))
     train.channels_last_and_compile(method, False)
@@ -215,6 +216,33 @@ def early_teacher(run_dirs: list[str]) -> dict:
             below += gap > 0
             worst = max(worst, gap)
     return {"run_epochs": total, "teacher_below_students": below, "largest_gap_points": worst}
+
+
+def early_epochs_table(runs_dirs: list[str], epochs: int = 3) -> str:
+    """docs/evidence.md's start of training: for each method of each runs directory (the run
+    directories <runs_dir>/*_<method>_seed<n>), the mean over its seeds of the train accuracy, the
+    mean student peer's and the deployed model's test accuracy in each of the first epochs."""
+    header = " | ".join(f"epoch {e}: train / student / deployed" for e in range(1, epochs + 1))
+    lines = [f"| runs | method | seeds | {header} |", "|---|---|---|" + "---|" * epochs]
+    for runs_dir in runs_dirs:
+        groups: dict[str, list[list[dict]]] = {}
+        for name in sorted(os.listdir(runs_dir)):
+            path = os.path.join(runs_dir, name)
+            if os.path.exists(os.path.join(path, "summary.json")):
+                method = name.rsplit("_seed", 1)[0].split("_", 2)[2]  # <dataset>_<arch>_<method>
+                groups.setdefault(method, []).append(read_metrics(path)[:epochs])
+        for method, runs in groups.items():
+            cells = []
+            for e in range(epochs):
+                rows = [run[e] for run in runs]
+                train_acc = sum(float(row["train_acc"]) for row in rows) / len(rows)
+                student = sum(mean_student_peer(row) for row in rows) / len(rows)
+                deployed = sum(float(row["acc_deployed_mean"]) for row in rows) / len(rows)
+                cells.append(f"{train_acc:.1f} / {student:.1f} / {deployed:.1f}")
+            name = os.path.basename(os.path.normpath(runs_dir))
+            lines.append(f"| {name} | {cli.METHODS[method].label} | {len(runs)} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ item 3: the initialisation
@@ -430,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="python -m tools.components", formatter_class=cli.HelpFormatter,
                    description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet8", help="the network of item 1's DKEL runs")
-    p.add_argument("--train-images", type=int, default=2048,
-                   help="synthetic training images of item 1's synthetic run")
+    p.add_argument("--train-images", type=int, default=1024,
+                   help="synthetic training images of item 1's synthetic run (and 512 test images)")
     p.add_argument("--epochs", type=int, default=30, help="the schedule of item 1's runs (train.py "
                    "--epochs; they train only up to the last of --measure-epochs)")
     p.add_argument("--measure-epochs", type=int, nargs="+", default=[0, 1, 2, 5],
@@ -444,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finished run directories: their own figures")
     p.add_argument("--weights-table", action="store_true",
                    help="print docs/spec.md Sec. 2's table of summed weights and stop")
+    p.add_argument("--early-table", nargs="+", metavar="RUNS_DIR",
+                   help="print docs/evidence.md's table of the first three epochs of the runs in "
+                        "these runs directories (compare.py's) and stop")
     p.add_argument("--json", help="write every figure to this file")
     return p
 
@@ -454,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     if options.weights_table:
         print(weights_table())
         return 0
+    if options.early_table:
+        print(early_epochs_table(options.early_table))
+        return 0
     for run_dir in options.run:
         if not os.path.exists(os.path.join(run_dir, "metrics.csv")):
             parser.error(f"--run {run_dir}: no metrics.csv there; give a run directory of train.py")
@@ -463,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     run_flags = ["--arch", options.arch, "--epochs", str(options.epochs), "--ema-decay",
                  str(options.ema_decay)]
     figures = {"random_logits": random_logit_gaps(), "runs": {}}
-    synthetic = data.synthetic_data(options.train_images, 1000, 0)
+    synthetic = data.synthetic_data(options.train_images, 512, 0)
     figures["runs"][f"synthetic {options.arch}"] = dkel_run(
         synthetic, ["--dataset", "synthetic", *run_flags], options.measure_epochs)
     if options.data_dir:
