@@ -39,6 +39,7 @@ processes ("ranks"; N is the world size) train one run together:
   world size (rundir.check_world_size).
 """
 import contextlib
+import datetime
 import inspect
 import os
 import sys
@@ -53,6 +54,11 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 from infra.rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
 from models import PerViewStatistics, ViewBatchNorm2d
+
+# How long a collective may wait for the other ranks before the run fails (our choice; torch's
+# defaults are 10 minutes under NCCL, 30 under gloo). The longest wait is data_once_per_node's:
+# the first download, extraction and caching of a data set by one process per node.
+TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def part() -> tuple[int, int]:
@@ -115,7 +121,7 @@ def join(args, rank: int, stack: contextlib.ExitStack) -> None:
             raise SystemExit(EXIT_BAD_INPUT)
         args.device = f"cuda:{local_rank}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     stack.callback(dist.destroy_process_group)
     if rank > 0:
         devnull = stack.enter_context(open(os.devnull, "w"))
@@ -151,7 +157,10 @@ def data_once_per_node(args) -> None:
             data.load_data(args.dataset, args.data_dir, "cpu", seed=args.seed)
         except data.DataError as error:
             raise RunStopped(str(error), EXIT_BAD_INPUT) from None
-    dist.all_reduce(torch.zeros(1, device=args.device))  # a barrier, on the device NCCL needs
+    # A barrier that holds the process under NCCL as under gloo (torch's documentation of
+    # dist.barrier); a collective such as all_reduce only queues work on the GPU under NCCL.
+    device = torch.device(args.device)
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class TrainingForward(torch.nn.Module):

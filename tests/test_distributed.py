@@ -89,6 +89,63 @@ sys.exit(code)
 """
 
 
+# Two ranks of one gloo group, started by the test (`two_ranks`) without train.py. Each writes to
+# <OUT>/loads what it does with the data set: LOCAL_RANK 0 loads it in distributed.data_once_per_node,
+# for 1 s (a download), then every rank reads it, as train.py does next. all_reduce has NCCL's
+# semantics there: it queues the reduction and returns at once.
+TWO_RANKS = """
+import os, sys, time
+from types import SimpleNamespace
+import torch.distributed as dist
+sys.path.insert(0, os.environ["PROJECT"])
+from infra import distributed
+rank, out = int(os.environ["RANK"]), os.environ["OUT"]
+dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+
+def record(event):
+    with open(f"{out}/loads", "a") as f:
+        f.write(f"{rank} {event}\\n")
+
+def load(name, data_dir, device, seed=0):
+    record("starts loading")
+    time.sleep(1)
+    record("has loaded")
+
+reduce = dist.all_reduce
+dist.all_reduce = lambda tensor, *args, **kwargs: reduce(tensor, async_op=True)
+distributed.data.load_data = load
+distributed.data_once_per_node(SimpleNamespace(dataset="cifar10", data_dir=out, device="cpu",
+                                               seed=0))
+record("reads")
+dist.all_reduce = reduce
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """TWO_RANKS on 2 processes; the folder they wrote to."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    (out / "two_ranks.py").write_text(TWO_RANKS)
+    env = {**os.environ, "PROJECT": ROOT, "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, str(out / "two_ranks.py")], text=True,
+                              stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], errors
+    return out
+
+
+def test_the_other_ranks_read_the_data_set_once_local_rank_0_has_loaded_it(two_ranks):
+    # Under NCCL an all_reduce returns before the other ranks have reached it: the barrier must hold
+    # rank 1 until rank 0 has loaded the data set.
+    events = (two_ranks / "loads").read_text().split("\n")[:-1]
+    assert events[:2] == ["0 starts loading", "0 has loaded"]
+    assert sorted(events[2:]) == ["0 reads", "1 reads"]
+
+
 def torchrun(out_dir, *flags, die_at=None, **settings):
     """train.py (through WORKER) on 2 CPU processes; torchrun waits 2 s between its checks of the
     workers, so that rank 0 has the time to say that rank 1 died before torchrun stops it.
