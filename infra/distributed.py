@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from infra.rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
-from models import PerViewStatistics, ViewBatchNorm2d
+from models import PerViewStatistics
 
 # How long a collective may wait for the other ranks before the run fails (our choice; torch's
 # defaults are 10 minutes under NCCL, 30 under gloo). The longest wait is data_once_per_node's:
