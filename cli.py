@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true",
       help="torch.compile the forward passes of the trained networks (and teacher)")
     a("--sync-bn", action="store_true",
-      help="torchrun: SyncBatchNorm across ranks (CUDA; default: per rank)")
+      help="torchrun: BatchNorm statistics of the global batch, synchronised across the ranks "
+           "(docs/distributed.md; default: each rank's own B/N images)")
     a("--collapse-threshold", type=float, default=0.01,
       help="stop when the deployed model's mean logit norm falls below this (collapse, Sec. 3.3)")
     a("--val-size", type=int, default=0,

@@ -186,8 +186,9 @@ def multi_peer_net(arch: str, num_classes: int, num_peers: int = 3, ensemble_hea
 # ----------------------------------------------------------------------------- per-view BatchNorm
 class PerViewStatistics:
     """The per-view forward of a BatchNorm layer in a trunk that runs M augmented views as one
-    stacked batch of M*B images (a mixin before the BatchNorm class: ViewBatchNorm2d here,
-    distributed.ViewSyncBatchNorm2d under torchrun with --sync-bn).
+    stacked batch of M*B images (a mixin before the BatchNorm class: ViewBatchNorm2d here;
+    distributed.ViewSyncBatchNorm, under torchrun with --sync-bn, has its own training forward,
+    per view as well, and takes its `views` from the mixin).
 
     The authors' code runs the trunk once per view (docs/spec.md Sec. 8), so in train mode every view
     is normalised with the mean and variance of its own B images and the running statistics are

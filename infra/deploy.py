@@ -6,7 +6,8 @@ The program takes uint8 images (N, 3, H, W) as they come from disk, any N (one i
 normalises them inside with the data set's mean and std, and returns the logits (N, C) in fp32.
 It computes as train.py's evaluation does: the same normalisation (data.normalise), NHWC, and the
 network in the run's precision (config.json's `precision`: under bf16 autocast, or in fp32), on
-the CPU; so on the CPU its test accuracy is summary.json's figure for the deployed model.
+the CPU; so on the CPU its test accuracy is summary.json's figure for the deployed model. The
+autocast is the CPU's: on a GPU the program computes in fp32.
 The class names, the data set and the precision travel inside the file (`DESCRIPTION`).
 
     import json, torch

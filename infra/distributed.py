@@ -20,10 +20,9 @@ processes ("ranks"; N is the world size) train one run together:
   process, and then rank 0's weights are broadcast, so that the ranks start from one teacher to the
   bit whatever their devices' arithmetic; Eq. (5) from identical students keeps it identical.
 - BatchNorm. In training each rank normalises over its own B/N images (so N ranks are not
-  bit-identical to one process), or with --sync-bn over the global batch (SyncBatchNorm; CUDA only;
-  the trunk's per-view BatchNorm stays per view: ViewSyncBatchNorm2d). The running
-  statistics are rank 0's, broadcast at the end of every epoch: the evaluation and the checkpoint
-  see one model.
+  bit-identical to one process), or with --sync-bn over the global batch (ViewSyncBatchNorm, on
+  the CPU and on GPUs; the trunk's per-view BatchNorm stays per view). The running statistics are
+  rank 0's, broadcast at the end of every epoch: the evaluation and the checkpoint see one model.
 - Logging and evaluation. The epoch's sums are averaged over the ranks in one all-reduce; each rank
   evaluates its share of the test split (an empty one when the split is smaller than N) and the
   correct counts are summed.
@@ -39,6 +38,7 @@ processes ("ranks"; N is the world size) train one run together:
   world size (rundir.check_world_size).
 """
 import contextlib
+import datetime
 import inspect
 import os
 import sys
@@ -52,7 +52,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from infra.rundir import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_LOST, RunStopped, hold_run_dir
-from models import PerViewStatistics, ViewBatchNorm2d
+from models import PerViewStatistics
+
+# How long a collective may wait for the other ranks before the run fails (our choice; torch's
+# defaults are 10 minutes under NCCL, 30 under gloo). The longest wait is data_once_per_node's:
+# the first download, extraction and caching of a data set by one process per node.
+TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def part() -> tuple[int, int]:
@@ -94,17 +99,14 @@ def session(args):
 
 
 def join(args, rank: int, stack: contextlib.ExitStack) -> None:
-    """Check the flags that depend on N, and join torchrun's process group: NCCL on CUDA (each rank
-    on the GPU of its LOCAL_RANK, refused in one line by a rank without one), gloo on the CPU. The
-    other ranks' output is silenced (rank 0 prints the epoch lines, the progress bar and the
-    summary); their crashes still show."""
+    """Check that N divides --batch-size, and join torchrun's process group: NCCL on CUDA (each
+    rank on the GPU of its LOCAL_RANK, refused in one line by a rank without one), gloo on the
+    CPU. The other ranks' output is silenced (rank 0 prints the epoch lines, the progress bar and
+    the summary); their crashes still show."""
     cuda = args.device.startswith("cuda")
     if args.batch_size % args.world_size:
         raise RunStopped(f"--batch-size {args.batch_size} is the global batch and must be "
                          f"divisible by the {args.world_size} processes of this torchrun run",
-                         EXIT_BAD_INPUT)
-    if args.sync_bn and not cuda:
-        raise RunStopped("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)",
                          EXIT_BAD_INPUT)
     if cuda:
         local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
@@ -115,7 +117,7 @@ def join(args, rank: int, stack: contextlib.ExitStack) -> None:
             raise SystemExit(EXIT_BAD_INPUT)
         args.device = f"cuda:{local_rank}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     stack.callback(dist.destroy_process_group)
     if rank > 0:
         devnull = stack.enter_context(open(os.devnull, "w"))
@@ -151,7 +153,10 @@ def data_once_per_node(args) -> None:
             data.load_data(args.dataset, args.data_dir, "cpu", seed=args.seed)
         except data.DataError as error:
             raise RunStopped(str(error), EXIT_BAD_INPUT) from None
-    dist.all_reduce(torch.zeros(1, device=args.device))  # a barrier, on the device NCCL needs
+    # A barrier that holds the process under NCCL as under gloo (torch's documentation of
+    # dist.barrier); a collective such as all_reduce only queues work on the GPU under NCCL.
+    device = torch.device(args.device)
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class TrainingForward(torch.nn.Module):
@@ -176,7 +181,7 @@ def prepare(method, args) -> None:
     modules = method.modules()
     if args.sync_bn:  # in place, keeping the parameters: the optimizer and Eq. (5) still hold them
         for module in modules.values():
-            sync_batchnorm(module)  # per-view BatchNorm stays per view (ViewSyncBatchNorm2d)
+            sync_batchnorm(module)  # per-view BatchNorm stays per view (ViewSyncBatchNorm)
     broadcast(t for module in modules.values() for t in (*module.parameters(), *module.buffers()))
     trained = {name: m for name, m in modules.items()
                if any(p.requires_grad for p in m.parameters())}
@@ -198,25 +203,118 @@ def no_buffer_sync() -> dict[str, bool]:
     return {"broadcast_buffers": False}
 
 
-class ViewSyncBatchNorm2d(PerViewStatistics, nn.SyncBatchNorm):
-    """models.ViewBatchNorm2d over the processes of a torchrun run (--sync-bn): SyncBatchNorm's
-    forward runs on each of the M view blocks, so that view m is normalised with the mean and
-    variance of the view-m images of every rank, the global batch's B images as one process has
-    them, and the running statistics get the M updates per step of one process. One
-    synchronisation per view and layer (SyncBatchNorm needs CUDA). `views` is set by
-    models.MultiPeerNet.run_trunk, as for ViewBatchNorm2d; the state dict is BatchNorm2d's."""
+class ViewSyncBatchNorm(PerViewStatistics, _BatchNorm):
+    """A BatchNorm layer (of any dimension) synchronised over the ranks of a torchrun run
+    (--sync-bn), per view. In training, with `views` = M (set by models.MultiPeerNet.run_trunk on
+    the trunk's layers, as for models.ViewBatchNorm2d; 1 in every other layer), view m is
+    normalised with the mean and variance of the view-m images of every rank, the global batch's
+    B images as one process has them, and the running statistics get the M updates of one
+    process, view after view. That is what torch's SyncBatchNorm computes on each view, but in one
+    all-gather per layer in the forward pass and one all-reduce in the backward for all M views,
+    without a host sync (SyncBatchNorm makes one per call, `count_all[mask]`), and in plain tensor
+    operations, so that it runs under gloo on the CPU as under NCCL. Every rank holds images of
+    every view (B/N of them: join checks that N divides B). In eval mode it is plain BatchNorm; the
+    state dict is BatchNorm's."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:  # (N, C, ...), as SyncBatchNorm
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        with torch.no_grad():
+            mean, var, count = view_statistics(x, self.views)          # (M, C), (M, C), (M, 1)
+            if self.track_running_stats:
+                self.track(mean, var, count)
+        weight, bias = self.weight, self.bias
+        if not self.affine:  # the identity map
+            weight, bias = torch.ones_like(mean[0]), torch.zeros_like(mean[0])
+        return SyncedNormalisation.apply(x, weight, bias, mean, torch.rsqrt(var + self.eps), count)
+
+    def track(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """The M updates of the running statistics, view after view, as torch's BatchNorm makes
+        them: with the momentum (the cumulative average when it is None) and the unbiased
+        variance."""
+        for view_mean, view_var, n in zip(mean, var, count):
+            self.num_batches_tracked.add_(1)
+            factor = 1 / self.num_batches_tracked if self.momentum is None else self.momentum
+            self.running_mean.mul_(1 - factor).add_(factor * view_mean)
+            self.running_var.mul_(1 - factor).add_(factor * view_var * n / (n - 1))
+
+
+def view_statistics(x: torch.Tensor, views: int) -> tuple[torch.Tensor, ...]:
+    """Of x, M = `views` blocks of images on each rank: each view's mean and biased variance per
+    channel over its images on every rank, and their number, (M, C), (M, C), (M, 1), in fp32 (fp64
+    for fp64). Each rank's block means, sums of squared deviations and counts reach every rank in
+    one all-gather of a fixed-size tensor and combine as torch's SyncBatchNorm combines the ranks'
+    means and variances (batch_norm_gather_stats_with_counts: Chan et al.'s parallel variance)."""
+    blocks = x.unflatten(0, (views, -1))                                        # (M, B/N, C, ...)
+    dims, channels = statistic_dims(blocks), blocks.shape[2]
+    mean = blocks.mean(dims, dtype=torch.promote_types(x.dtype, torch.float32))    # (M, C)
+    squares = (blocks - per_view(mean, blocks)).square().sum(dims)                  # (M, C)
+    count = torch.full_like(mean[:, :1], blocks[0].numel() // channels)             # (M, 1)
+    local = torch.cat([mean, squares, count], dim=1)                                # (M, 2C + 1)
+    ranks = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(ranks, local)
+    means, squares, counts = torch.stack(ranks).split([channels, channels, 1], dim=2)  # (N, M, .)
+    count = counts.sum(0)
+    mean = (counts * means).sum(0) / count
+    squares = squares.sum(0) + (counts * (means - mean).square()).sum(0)
+    return mean, squares / count, count
+
+
+def statistic_dims(blocks: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of (M, B, C, ...) that BatchNorm reduces: all but the view and the channel."""
+    return (1, *range(3, blocks.dim()))
+
+
+def per_view(values: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(M, C) values shaped to broadcast against (M, B, C, ...) blocks."""
+    return values.view(*values.shape[:1], 1, values.shape[1], *[1] * (blocks.dim() - 3))
+
+
+class SyncedNormalisation(torch.autograd.Function):
+    """BatchNorm's output, (x - mean) * invstd * weight + bias for each view with its statistics
+    of the global batch, and the gradients of x, weight and bias as torch's SyncBatchNorm computes
+    them: each view's sums of dy and dy (x - mean) over its images of every rank (one all-reduce
+    for the M views) give the input's gradient; the weight's and the bias's stay this rank's, which
+    DDP averages over the ranks with every other parameter's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count):
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        blocks = x.unflatten(0, (len(mean), -1))
+        centred = blocks - per_view(mean, blocks)
+        scale, shift = per_view(invstd * weight, blocks), per_view(bias.expand_as(mean), blocks)
+        return torch.addcmul(shift, centred, scale).to(x.dtype).flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        blocks = x.unflatten(0, (len(mean), -1))
+        dy = grad.unflatten(0, (len(mean), -1)).to(mean.dtype)
+        centred, dims = blocks - per_view(mean, blocks), statistic_dims(blocks)
+        sums = torch.stack([dy.sum(dims), (dy * centred).sum(dims)])                 # (2, M, C)
+        grad_bias, grad_weight = sums[0].sum(0), (sums[1] * invstd).sum(0)  # this rank's
+        dist.all_reduce(sums)                                                 # every rank's
+        mean_dy, mean_dy_centred = sums / count
+        grad_x = (dy - per_view(mean_dy, blocks)
+                  - centred * per_view(invstd.square() * mean_dy_centred, blocks))
+        grad_x = grad_x * per_view(invstd * weight, blocks)
+        return (grad_x.to(x.dtype).flatten(0, 1), grad_weight.to(weight.dtype),
+                grad_bias.to(weight.dtype), None, None, None)
 
 
 def sync_batchnorm(module: nn.Module) -> None:
-    """Synchronise every BatchNorm inside `module` over the ranks (--sync-bn), in place: a
-    ViewBatchNorm2d becomes a ViewSyncBatchNorm2d (per-view statistics of the global batch), any
-    other BatchNorm a SyncBatchNorm. Each keeps its parameter and buffer objects, which the
-    optimizer and the EMA of Eq. (5) hold, so the state-dict keys stay as well."""
+    """Synchronise every BatchNorm inside `module` over the ranks (--sync-bn), in place: each
+    becomes a ViewSyncBatchNorm, per view in the trunk (models.ViewBatchNorm2d), over the whole
+    batch elsewhere. Each keeps its parameter and buffer objects, which the optimizer and the EMA
+    of Eq. (5) hold, so the state-dict keys stay as well."""
     for name, child in module.named_children():
         if isinstance(child, _BatchNorm):
-            kind = ViewSyncBatchNorm2d if isinstance(child, ViewBatchNorm2d) else nn.SyncBatchNorm
-            synced = kind(child.num_features, child.eps, child.momentum, child.affine,
-                          child.track_running_stats)
+            synced = ViewSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
             synced.weight, synced.bias = child.weight, child.bias
             synced.running_mean, synced.running_var = child.running_mean, child.running_var
             synced.num_batches_tracked = child.num_batches_tracked

@@ -67,6 +67,11 @@ def test_the_program_alone_scores_the_summary_figure_at_any_batch_size(tmp_path,
     assert (description["output"], description["epoch"]) == (summary["selection"]["output"],
                                                              summary["selection"]["epoch"])
     assert summary["deployable"]["program"] == deploy.PROGRAM
+    # One autocast region, the CPU's, on in bf16 only: on a GPU the program computes in fp32.
+    program = torch.export.load(out_dir / deploy.PROGRAM)
+    regions = [(node.args[0], node.args[2]) for node in program.graph.nodes
+               if node.target is torch.ops.higher_order.wrap_with_autocast]
+    assert regions == [("cpu", flags[1] == "bf16")]
 
 
 def test_an_architecture_that_cannot_be_exported_keeps_deployable_pt(tmp_path, monkeypatch,

@@ -1,7 +1,8 @@
 """train.py under torchrun on the CPU (gloo, 2 processes, a tiny synthetic set): one run directory,
 the ranks' slices of a batch, one teacher on every rank, a dead rank and the resumption, a SIGTERM
-to one rank, an evaluation split smaller than the world, --sync-bn's per-view BatchNorm, the
-run-directory lock, the world size and the flags that depend on it."""
+to one rank, an evaluation split smaller than the world, the data barrier, --sync-bn's BatchNorm
+(against one process, on two ranks), the run-directory lock, the world size and the batch size
+that depends on it."""
 import contextlib
 import copy
 import csv
@@ -14,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import data
@@ -87,6 +87,152 @@ with open(f"{os.environ['OUT_DIR']}.rank{rank}.alive", "w") as f:
     f.write(str(sum(type(o) is DistributedDataParallel for o in gc.get_objects())))
 sys.exit(code)
 """
+
+
+# Two ranks of one gloo group, started by the test (`two_ranks`) without train.py.
+# 1. The data barrier. Each rank writes to <OUT>/loads what it does with the data set: LOCAL_RANK 0
+# loads it in distributed.data_once_per_node, for 1 s (a download), then every rank reads it, as
+# train.py does next. all_reduce has NCCL's semantics there: it queues the reduction and returns
+# at once.
+# 2. --sync-bn's layers. Each case of <OUT>/layers.pt (sync_bn_cases) made synchronised
+# (distributed.sync_batchnorm) on this rank's half of every view of the global batch (channels_last
+# for images, the trunk's format), forward and backward; <OUT>/rank<r>.pt: the results and the
+# operators that ran.
+TWO_RANKS = """
+import os, sys, time
+from types import SimpleNamespace
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+sys.path.insert(0, os.environ["PROJECT"])
+from infra import distributed
+rank, out = int(os.environ["RANK"]), os.environ["OUT"]
+dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+
+def record(event):
+    with open(f"{out}/loads", "a") as f:
+        f.write(f"{rank} {event}\\n")
+
+def load(name, data_dir, device, seed=0):
+    record("starts loading")
+    time.sleep(1)
+    record("has loaded")
+
+reduce = dist.all_reduce
+dist.all_reduce = lambda tensor, *args, **kwargs: reduce(tensor, async_op=True)
+distributed.data.load_data = load
+distributed.data_once_per_node(SimpleNamespace(dataset="cifar10", data_dir=out, device="cpu",
+                                               seed=0))
+record("reads")
+dist.all_reduce = reduce
+
+class Operators(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+results = {}
+for name, (layer, inputs, grads) in torch.load(f"{out}/layers.pt", weights_only=False).items():
+    net = torch.nn.Sequential(layer)
+    distributed.sync_batchnorm(net)
+    net[0].views = len(inputs)
+    half = lambda t: t.tensor_split(2, dim=1)[rank].flatten(0, 1)              # (M * B/2, ...)
+    x = half(inputs)
+    x = (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x).requires_grad_()
+    with Operators() as operators:
+        output = net(x)
+        (output * half(grads)).sum().backward()
+    synced = net[0]
+    results[name] = {"output": output, "input": x.grad, "weight": synced.weight.grad,
+                     "bias": synced.bias.grad, "running_mean": synced.running_mean,
+                     "running_var": synced.running_var, "batches": synced.num_batches_tracked,
+                     "operators": operators.names}
+torch.save(results, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def sync_bn_cases():
+    """What --sync-bn synchronises, as built: a trunk layer (models.ViewBatchNorm2d, 3 views of 4
+    images of 5 channels) and ONE's gate (BatchNorm1d, one view of 4 vectors of 6), in fp64 with
+    random affine parameters and running statistics, each with a global batch (M, B, C, ...) and
+    the gradient of a loss with respect to its output."""
+    torch.manual_seed(0)
+    cases = {}
+    for name, layer, shape in (("trunk", models.ViewBatchNorm2d(5), (3, 4, 5, 3, 3)),
+                               ("gate", torch.nn.BatchNorm1d(6), (1, 4, 6))):
+        layer.double()
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2), layer.running_var.uniform_(0.5, 2)
+            layer.bias.normal_(), layer.running_mean.normal_()
+        cases[name] = (layer, 3 * torch.randn(shape, dtype=torch.float64) + 2,
+                       torch.randn(shape, dtype=torch.float64))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """TWO_RANKS on 2 processes; the folder they wrote to."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    (out / "two_ranks.py").write_text(TWO_RANKS)
+    torch.save(sync_bn_cases(), out / "layers.pt")
+    env = {**os.environ, "PROJECT": ROOT, "OUT": str(out), "OMP_NUM_THREADS": "1",
+           "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, str(out / "two_ranks.py")], text=True,
+                              stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], errors
+    return out
+
+
+def test_the_other_ranks_read_the_data_set_once_local_rank_0_has_loaded_it(two_ranks):
+    # Under NCCL an all_reduce returns before the other ranks have reached it: the barrier must hold
+    # rank 1 until rank 0 has loaded the data set.
+    events = (two_ranks / "loads").read_text().split("\n")[:-1]
+    assert events[:2] == ["0 starts loading", "0 has loaded"]
+    assert sorted(events[2:]) == ["0 reads", "1 reads"]
+
+
+@pytest.mark.parametrize("name", ["trunk", "gate"])
+def test_sync_bn_on_two_ranks_is_one_process_on_the_global_batch_without_host_syncs(two_ranks,
+                                                                                   name):
+    ranks = [torch.load(two_ranks / f"rank{rank}.pt")[name] for rank in (0, 1)]
+    # The layer before synchronisation in one process, on the whole global batch: the statistics of
+    # each view's B images (per view, as M separate passes: tests/test_models.py).
+    layer, inputs, grads = sync_bn_cases()[name]
+    layer.views = len(inputs)
+    x = inputs.flatten(0, 1).requires_grad_()
+    output = layer(x)
+    (output * grads.flatten(0, 1)).sum().backward()
+
+    def halves(t):  # the rows of rank 0 and rank 1
+        return [half.flatten(0, 1) for half in t.unflatten(0, inputs.shape[:2]).tensor_split(2, 1)]
+
+    for rank, (output_part, input_part) in enumerate(zip(halves(output), halves(x.grad))):
+        torch.testing.assert_close(ranks[rank]["output"], output_part)
+        torch.testing.assert_close(ranks[rank]["input"], input_part)
+    # DDP adds up the ranks' gradients of the affine parameters (and divides by N).
+    torch.testing.assert_close(ranks[0]["weight"] + ranks[1]["weight"], layer.weight.grad)
+    torch.testing.assert_close(ranks[0]["bias"] + ranks[1]["bias"], layer.bias.grad)
+    for rank in ranks:
+        torch.testing.assert_close(rank["running_mean"], layer.running_mean)
+        torch.testing.assert_close(rank["running_var"], layer.running_var)
+        assert rank["batches"] == len(inputs)  # one update per view
+        # One collective in each pass, and nothing that waits for the device's values: .item()
+        # (_local_scalar_dense), indexing with a mask (SyncBatchNorm's count_all[mask]).
+        operators = rank["operators"]
+        assert operators.count("c10d.allgather_.default") == 1
+        assert operators.count("c10d.allreduce_.default") == 1
+        assert not {"aten._local_scalar_dense.default", "aten.index.Tensor", "aten.nonzero.default",
+                    "aten.masked_select.default"} & set(operators)
+    if name == "trunk":
+        assert ranks[0]["output"].is_contiguous(memory_format=torch.channels_last)
 
 
 def torchrun(out_dir, *flags, die_at=None, **settings):
@@ -175,8 +321,10 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_co
     # 96 training images in batches of 8 (4 a rank): 12 steps an epoch. Rank 1 alone gets SIGTERM in
     # step 14, the 2nd of epoch 2; the ranks agree on the stop after step 16 (every 8 steps), so
     # rank 0, which no signal reached, stops there too. One test image: rank 1's share is empty.
+    # With --sync-bn: the one torchrun run of the synchronised BatchNorm (DDP, gloo, --resume).
     out_dir, small = tmp_path / "run", {"TRAIN_IMAGES": 96, "TEST_IMAGES": 1}
-    stopped = torchrun(out_dir, "--batch-size", "8", SIGTERM_AT_STEP=14, **small)
+    flags = ["--batch-size", "8", "--sync-bn"]
+    stopped = torchrun(out_dir, *flags, SIGTERM_AT_STEP=14, **small)
     assert [(out_dir.parent / f"run.rank{r}.exit").read_text() for r in (0, 1)] == ["143", "143"]
     # Nothing of the stopped run (DDP's reducer, its process group) is left to the interpreter's
     # shutdown, where torch's teardown once aborted a rank (SIGABRT).
@@ -186,7 +334,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_143_and_resume_co
     assert "exitcode  : 143" in stopped.stderr  # torchrun's report names the ranks' code
     assert stopped.returncode == 1  # torchrun's own code whenever a rank fails
     assert nets(out_dir / "checkpoint.pt")["epoch"] == 1 and len(read_metrics(out_dir)) == 1
-    resumed = torchrun(out_dir, "--batch-size", "8", "--resume", **small)
+    resumed = torchrun(out_dir, *flags, "--resume", **small)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = read_metrics(out_dir)
     assert [row["epoch"] for row in rows] == ["1", "2"]
@@ -236,18 +384,6 @@ def test_a_rank_whose_share_of_the_split_is_empty_counts_zero_under_every_name(m
     assert rank0 == single  # the sum over the ranks is one process's count
 
 
-class StandInSyncBatchNorm:
-    """torch's synchronised batch norm (CUDA only) as it computes with one rank: the statistics of
-    the local batch, which world size 1 makes the global batch. Records every call's batch size."""
-    calls = []
-
-    @staticmethod
-    def apply(images, weight, bias, running_mean, running_var, eps, momentum, process_group,
-              world_size):
-        StandInSyncBatchNorm.calls.append(len(images))
-        return F.batch_norm(images, running_mean, running_var, weight, bias, True, momentum, eps)
-
-
 @pytest.fixture
 def one_process_group(tmp_path):
     """The gloo process group of a torchrun run with one process."""
@@ -258,40 +394,29 @@ def one_process_group(tmp_path):
 
 
 @pytest.mark.usefixtures("one_process_group")
-def test_sync_bn_keeps_each_views_statistics_and_the_parameter_objects(monkeypatch):
+def test_sync_bn_keeps_each_views_statistics_and_the_parameter_objects():
     method = dkel()
     reference = copy.deepcopy(method.student)  # per-view BatchNorm in one process (test_models.py)
     tensors = {name: [*m.parameters(), *m.buffers()] for name, m in method.modules().items()}
-    # DDP refuses SyncBatchNorm off the GPU: a stand-in, as this test runs the networks directly.
-    monkeypatch.setattr(distributed, "DistributedDataParallel", lambda module, **settings: module)
     distributed.prepare(method, SimpleNamespace(sync_bn=True, device="cpu"))
     for name, module in method.modules().items():  # what the optimizer and Eq. (5) hold
         now = [*module.parameters(), *module.buffers()]
         assert all(a is b for a, b in zip(now, tensors[name], strict=True))
-        trunk_bns = [type(m) for m in module.trunk.modules() if isinstance(m, _BatchNorm)]
-        assert trunk_bns == [distributed.ViewSyncBatchNorm2d] * 6, name
-        peer_bns = {type(m) for m in module.peers.modules() if isinstance(m, _BatchNorm)}
-        assert peer_bns == {torch.nn.SyncBatchNorm}, name
-    # SyncBatchNorm synchronises on a GPU of a world larger than 1: the stand-in, on the CPU.
-    monkeypatch.setattr(torch.nn.modules.batchnorm, "sync_batch_norm", StandInSyncBatchNorm)
-    monkeypatch.setattr(StandInSyncBatchNorm, "calls", [])
-    # Passes its device check.
-    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "cpu")
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        bns = [type(m) for m in module.modules() if isinstance(m, _BatchNorm)]
+        # The trunk's 6 (stem 1, stage 1: 2, stage 2: 2 + projection) and 3 in each of 3 branches.
+        assert bns == [distributed.ViewSyncBatchNorm] * (6 + 3 * 3), name
+    # With one rank the global batch is this process's: the trunk's layers, which run_trunk makes
+    # per view, give M separate passes of one-process BatchNorm, outputs and running statistics.
     views = torch.randn(3, 4, 3, 32, 32)                                         # (M, B, 3, H, W)
     student = method.student
     out = student.run_trunk(views)                                               # (M, B, ...)
-    # M separate passes of one-process BatchNorm, one view each
     expected = torch.stack([reference.trunk(views[i]) for i in range(3)])        # (M, B, ...)
-    # Each trunk layer: one synchronised pass per view.
-    assert StandInSyncBatchNorm.calls == [4] * 3 * 6
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
-    # Running statistics updated M times, view after view.
     for (name, a), (_, b) in zip(student.trunk.state_dict().items(),
                                  reference.trunk.state_dict().items(), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-7), name
     assert all(bn.views == 1 for bn in student.trunk.modules()
-               if isinstance(bn, distributed.ViewSyncBatchNorm2d))
+               if isinstance(bn, distributed.ViewSyncBatchNorm))
 
 
 @pytest.mark.usefixtures("small_data")
@@ -317,15 +442,13 @@ def test_the_lock_of_a_killed_holder_blocks_no_resume_and_another_world_size_is_
 
 
 @pytest.mark.usefixtures("small_data")
-@pytest.mark.parametrize("flags,message", [
-    (["--batch-size", "32"], "--batch-size 32 is the global batch and must be divisible by the 3 "),
-    (["--sync-bn"], "--sync-bn needs CUDA"),
-])
-def test_flags_that_depend_on_the_world_size(tmp_path, capsys, monkeypatch, flags, message):
+def test_a_batch_size_that_the_world_size_does_not_divide_is_refused(tmp_path, capsys,
+                                                                     monkeypatch):
     # Checked before joining.
-    monkeypatch.setenv("WORLD_SIZE", "3" if "--batch-size" in flags else "2")
-    assert train.main([*FLAGS, "--out-dir", str(tmp_path), *flags]) == 2
-    assert message in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert train.main([*FLAGS, "--out-dir", str(tmp_path), "--batch-size", "32"]) == 2
+    assert ("--batch-size 32 is the global batch and must be divisible by the 3 processes"
+            in capsys.readouterr().err)
 
 
 def test_a_rank_without_a_gpu_of_its_own_says_so_in_one_line_before_touching_cuda(
