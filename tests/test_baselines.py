@@ -248,7 +248,7 @@ EXPECTED = {  # method: (views, eval keys, deployed key)
 
 def test_methods_are_listed_once_in_the_papers_order():
     assert list(train.METHODS) == ["dml", "cl", "one", "okddip", "kdcl", "pcl", "baseline", "dk",
-                                   "dkel", "kd"]
+                                   "pcl_de", "dkel", "kd"]
     assert cli.build_parser().parse_args(["--method", "okddip"]).method == "okddip"
     labels = [train.METHODS[m].label for m in ("dk", "dkel", "okddip")]
     assert labels == ["PCL+L_dk", "DKEL", "OKDDip"]

@@ -16,7 +16,7 @@ combine. This recomputes, from losses.py, ema.py, methods.py and train.py:
 And the weight that each distillation term gets summed over a 300-epoch run (docs/spec.md Sec. 2).
 
     python -m tools.components                   # items 1-4 on synthetic data, a few CPU minutes
-    python -m tools.components --data-dir DIR    # item 1 on an imagefolder tree's real images too
+    python -m tools.components --data-dir DIR    # item 1 on an imagefolder tree's real images
     python -m tools.components --run DIR [DIR ...]   # those runs' own figures (items 1, 2, weights)
     python -m tools.components --weights-table   # docs/spec.md Sec. 2's table, in Markdown
 """
@@ -225,13 +225,8 @@ def early_epochs_table(runs_dirs: list[str], epochs: int = 3) -> str:
     header = " | ".join(f"epoch {e}: train / student / deployed" for e in range(1, epochs + 1))
     lines = [f"| runs | method | seeds | {header} |", "|---|---|---|" + "---|" * epochs]
     for runs_dir in runs_dirs:
-        groups: dict[str, list[list[dict]]] = {}
-        for name in sorted(os.listdir(runs_dir)):
-            path = os.path.join(runs_dir, name)
-            if os.path.exists(os.path.join(path, "summary.json")):
-                method = name.rsplit("_seed", 1)[0].split("_", 2)[2]  # <dataset>_<arch>_<method>
-                groups.setdefault(method, []).append(read_metrics(path)[:epochs])
-        for method, runs in groups.items():
+        for method, paths in runs_by_method(runs_dir).items():
+            runs = [read_metrics(path)[:epochs] for path in paths]
             cells = []
             for e in range(epochs):
                 rows = [run[e] for run in runs]
@@ -242,6 +237,35 @@ def early_epochs_table(runs_dirs: list[str], epochs: int = 3) -> str:
             name = os.path.basename(os.path.normpath(runs_dir))
             lines.append(f"| {name} | {cli.METHODS[method].label} | {len(runs)} | "
                          + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def runs_by_method(runs_dir: str) -> dict[str, list[str]]:
+    """The finished runs of a compare.py runs directory, <dataset>_<arch>_<method>_seed<n>, by
+    method."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(runs_dir)):
+        path = os.path.join(runs_dir, name)
+        if os.path.exists(os.path.join(path, "summary.json")):
+            method = name.rsplit("_seed", 1)[0].split("_", 2)[2]
+            groups.setdefault(method, []).append(path)
+    return groups
+
+
+def early_teacher_table(runs_dirs: list[str]) -> str:
+    """docs/components.md's item 2 on finished runs: per runs directory and method of the paper's
+    (the others have no teacher), `early_teacher` over its runs."""
+    lines = ["| runs | method | runs | run-epochs with w ≥ 0.1 | teacher ensemble below the mean "
+             "student peer | by up to (points) |", "|---|---|---|---|---|---|"]
+    for runs_dir in runs_dirs:
+        for method, paths in runs_by_method(runs_dir).items():
+            if method not in cli.ONLINE_DISTILLATION:
+                continue
+            figures = early_teacher(paths)
+            lines.append(f"| {os.path.basename(os.path.normpath(runs_dir))} | "
+                         f"{cli.METHODS[method].label} | {len(paths)} | {figures['run_epochs']} | "
+                         f"{figures['teacher_below_students']} | "
+                         f"{figures['largest_gap_points']:.1f} |")
     return "\n".join(lines)
 
 
@@ -271,12 +295,12 @@ def initialisation(arch: str = "resnet32", seed: int = 0) -> dict:
     init_views, init_labels = next(data.repeated_batches(dataset, args.batch_size,
                                                          method.num_views, seed))
     start = flat(teacher)
-    _, logits_k0 = probe_logits(method, probe)
+    logits_k0 = train_mode_logits(teacher, probe)
     ce_before = ce_of(teacher, init_views, init_labels)
     method.initialise(batches)                                 # Sec. 3.3, step 2
     moved = (flat(teacher) - start).norm().item() / start.norm().item()
     ce_after = ce_of(teacher, init_views, init_labels)
-    _, logits_k1 = probe_logits(method, probe)
+    logits_k1 = train_mode_logits(teacher, probe)
     student_start = flat(method.student)
     optimizer = train.sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
@@ -284,7 +308,7 @@ def initialisation(arch: str = "resnet32", seed: int = 0) -> dict:
                                             data.epoch_generator(seed, 0, dataset.device)))
     train.student_step(method, optimizer, views, labels, train.epoch_weights(args, 0), "fp32")
     student_moved = (flat(method.student) - student_start).norm().item() / student_start.norm().item()
-    student_logits, _ = probe_logits(method, probe)
+    student_logits = train_mode_logits(method.student, probe)
     return {"arch": arch, "teacher_moved": moved, "teacher_ce_drop_nats": ce_before - ce_after,
             "student_first_step_moved": student_moved, "student_over_teacher": student_moved / moved,
             "kl_teacher_k1_k0": kl(logits_k1, logits_k0),
@@ -293,10 +317,15 @@ def initialisation(arch: str = "resnet32", seed: int = 0) -> dict:
 
 
 @torch.no_grad()
+def train_mode_logits(network, views: torch.Tensor) -> torch.Tensor:
+    """A multi-peer network's peer logits (M, B, C), every peer on its own view, as a training step
+    computes them (train-mode BatchNorm), on a copy, so that no running statistic changes."""
+    return copy.deepcopy(network).train()(views).logits.float()
+
+
 def ce_of(network, views: torch.Tensor, labels: torch.Tensor) -> float:
-    """The Sec. 3.3 loss, the mean over peers of L_ce(t_j(x_j), y), as its step computes it
-    (train-mode BatchNorm), on a copy of the network."""
-    logits = copy.deepcopy(network).train()(views).logits                  # (M, B, C)
+    """The Sec. 3.3 loss, the mean over peers of L_ce(t_j(x_j), y), as its step computes it."""
+    logits = train_mode_logits(network, views)                             # (M, B, C)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
                                              labels.repeat(logits.shape[0])).item()
 
@@ -376,7 +405,7 @@ def run_figures(run_dir: str) -> dict:
     figures = {"run": run_dir, "method": config["method"], "summed_weights": sums,
                "early_teacher": early_teacher([run_dir])}
     if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        figures["final_gap"] = checkpoint_gap(run_dir, config)
+        figures["final_gap"] = checkpoint_gap(os.path.join(run_dir, "checkpoint.pt"))
     return figures
 
 
@@ -389,21 +418,21 @@ def config_argv(config: dict) -> list[str]:
     return argv + [f"--{flag.replace('_', '-')}" for flag in flags if config.get(flag)]
 
 
-def checkpoint_gap(run_dir: str, config: dict) -> dict | str:
-    """Item 1 at the run's last epoch: its checkpoint's student and teacher on training views of
-    its own data set."""
+def checkpoint_gap(path: str) -> dict | str:
+    """Item 1 at a checkpoint's epoch (a run's checkpoint.pt, or a copy kept from an earlier
+    epoch): its student and teacher on training views of the run's own data set."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = rundir.with_defaults(checkpoint["config"])
     try:
         dataset = data.load_data(config["dataset"], config["data_dir"], "cpu", seed=config["seed"])
     except data.DataError as error:
         return f"not measured: {error}"
     _, method = method_for(config_argv(config) + ["--arch", config["arch"]], dataset)
-    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu",
-                            weights_only=False)
     for name, module in method.modules().items():
         module.load_state_dict(checkpoint[name])
     views, _ = next(data.train_batches(dataset, config["batch_size"], method.num_views,
                                        data.epoch_generator(config["seed"], 10 ** 6, "cpu")))
-    return gradient_gap(*probe_logits(method, views))
+    return {"epoch": checkpoint["epoch"], **gradient_gap(*probe_logits(method, views))}
 
 
 # ------------------------------------------------------------------ the report
@@ -446,6 +475,8 @@ def report(figures: dict) -> str:
               f"{authors['ema_decay_at_step_0']:.0f}; summed r(ep): their PCL "
               f"{authors['pcl_reproduction_summed_rampup']:.0f}, their DKEL "
               f"{authors['dkel_summed_rampup']:.1f}"]
+    for path, gap in figures.get("checkpoints", {}).items():
+        lines.append(f"   checkpoint {path}: {gap}")
     for run in figures.get("finished_runs", []):
         lines.append(f"   run {run['run']} ({run['method']}): summed weights "
                      + ", ".join(f"{k} {v:.3g}" for k, v in run["summed_weights"].items())
@@ -466,15 +497,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="item 1: measure after these epochs (0: after the initialisation)")
     p.add_argument("--ema-decay", type=float, default=0.99,
                    help="alpha of item 1's runs (docs/evidence.md's protocol: 0.99)")
-    p.add_argument("--data-dir", help="an imagefolder tree: item 1 on its real images too")
+    p.add_argument("--data-dir", help="an imagefolder tree: item 1 on its real images instead of "
+                   "synthetic ones")
     p.add_argument("--init-arch", default="resnet32", help="the network of item 3 (paper: resnet32)")
     p.add_argument("--run", nargs="+", default=[], metavar="DIR",
                    help="finished run directories: their own figures")
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="FILE",
+                   help="checkpoints of DKEL runs (checkpoint.pt, or copies kept from earlier "
+                        "epochs): item 1 at each")
     p.add_argument("--weights-table", action="store_true",
                    help="print docs/spec.md Sec. 2's table of summed weights and stop")
     p.add_argument("--early-table", nargs="+", metavar="RUNS_DIR",
                    help="print docs/evidence.md's table of the first three epochs of the runs in "
                         "these runs directories (compare.py's) and stop")
+    p.add_argument("--teacher-table", nargs="+", metavar="RUNS_DIR",
+                   help="print docs/components.md's item 2 on the runs in these runs directories "
+                        "and stop")
     p.add_argument("--json", help="write every figure to this file")
     return p
 
@@ -488,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     if options.early_table:
         print(early_epochs_table(options.early_table))
         return 0
+    if options.teacher_table:
+        print(early_teacher_table(options.teacher_table))
+        return 0
     for run_dir in options.run:
         if not os.path.exists(os.path.join(run_dir, "metrics.csv")):
             parser.error(f"--run {run_dir}: no metrics.csv there; give a run directory of train.py")
@@ -497,9 +538,6 @@ def main(argv: list[str] | None = None) -> int:
     run_flags = ["--arch", options.arch, "--epochs", str(options.epochs), "--ema-decay",
                  str(options.ema_decay)]
     figures = {"random_logits": random_logit_gaps(), "runs": {}}
-    synthetic = data.synthetic_data(options.train_images, 512, 0)
-    figures["runs"][f"synthetic {options.arch}"] = dkel_run(
-        synthetic, ["--dataset", "synthetic", *run_flags], options.measure_epochs)
     if options.data_dir:
         try:
             real = data.load_data("imagefolder", options.data_dir, "cpu")
@@ -508,9 +546,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["runs"][f"imagefolder {options.arch}"] = dkel_run(
             real, ["--dataset", "imagefolder", "--data-dir", options.data_dir, *run_flags],
             options.measure_epochs)
+    else:
+        synthetic = data.synthetic_data(options.train_images, 512, 0)
+        figures["runs"][f"synthetic {options.arch}"] = dkel_run(
+            synthetic, ["--dataset", "synthetic", *run_flags], options.measure_epochs)
     figures.update(ema_lag=ema_lag(), large_w_epochs=large_w_epochs(),
                    initialisation=initialisation(options.init_arch), authors_code=authors_code(),
-                   finished_runs=[run_figures(run_dir) for run_dir in options.run])
+                   finished_runs=[run_figures(run_dir) for run_dir in options.run],
+                   checkpoints={path: checkpoint_gap(path) for path in options.checkpoint})
     print(report(figures))
     if options.json:
         rundir.write_json(figures, options.json)
