@@ -76,7 +76,8 @@ def test_the_gradient_gap_by_hand():
     g_de = torch.stack([temperature * (q[i] - (t[o].mean(0) / temperature).softmax(-1))
                         for i, o in enumerate(others)]) / batch
     gap = components.gradient_gap(s, t, temperature)
-    assert gap["relative_gap"] == pytest.approx(((g_de - g_dk).norm() / g_dk.norm()).item(), rel=1e-4)
+    by_hand = ((g_de - g_dk).norm() / g_dk.norm()).item()
+    assert gap["relative_gap"] == pytest.approx(by_hand, rel=1e-4)
     cosine = (g_de * g_dk).sum() / (g_de.norm() * g_dk.norm())
     assert gap["cosine"] == pytest.approx(cosine.item(), rel=1e-5)
     # Peers that agree leave no gap: the mean of equal probabilities is their softmax.
@@ -93,7 +94,8 @@ def test_the_authors_code_taken_together():
     # cut-off and weighs L_dk by 1 - w there.
     assert figures["betas_with_identical_objectives"] == [0.1, 0.2, 0.5, 1.0]
     assert figures["ema_decay_at_step_0"] == 0.0
-    # Their PCL: r = 1 at epoch 1 and from 81 (219 epochs), e^-5 at 0 and 2; their DKEL: 0.1 from 81.
+    # Their PCL: r = 1 at epoch 1 and from 81 (219 epochs), e^-5 at 0 and 2;
+    # their DKEL: 0.1 from 81.
     assert figures["pcl_reproduction_summed_rampup"] == pytest.approx(220 + 2 * math.exp(-5),
                                                                       rel=1e-6)
     assert figures["dkel_summed_rampup"] == pytest.approx(21.9 + 0.1 * math.exp(-5), rel=1e-6)
@@ -112,3 +114,98 @@ def test_a_run_directory_without_metrics_is_one_line(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--run" in err and "metrics.csv" in err
+
+
+# ------------------------------------------------------------------ docs/components.md and the tool
+PAGE = open(os.path.join(ROOT, "docs", "components.md"), encoding="utf-8").read()
+EVIDENCE = open(os.path.join(ROOT, "docs", "evidence.md"), encoding="utf-8").read()
+RUNS = [os.path.join(ROOT, "docs", "evidence_runs", name)
+        for name in ("evidence", "evidence_rampup_de", "evidence_eq12", "evidence_lrpp")]
+RELATIVE = 0.02  # the page's tolerance for a figure another CPU recomputes in fp32
+POINTS = 0.4     # an accuracy on 512 test images: within 2 images
+NUM = r"(\d+(?:\.\d+)?)"       # a figure on the page (not the full stop after it)
+SCI = r"(\d+(?:\.\d+)?e-\d+)"  # a figure in scientific notation
+
+
+def near(shown: str, value: float, relative: float = RELATIVE) -> bool:
+    """`value` is the page's figure `shown` within `relative`, or within its rounding."""
+    mantissa = shown.split("e")[0]
+    digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    exponent = int(shown.split("e")[1]) if "e" in shown else 0
+    rounding = 0.5 * 10.0 ** (exponent - digits)
+    return abs(value - float(shown)) <= max(relative * abs(value), rounding)
+
+
+def figures_in(pattern: str, text: str = PAGE) -> tuple[str, ...]:
+    match = re.search(pattern, " ".join(text.split()))
+    assert match, pattern
+    return match.groups()
+
+
+@pytest.fixture(scope="module")
+def synthetic_start():
+    """Item 1's synthetic run (the page's first command) up to its first measurement."""
+    torch.manual_seed(0)
+    dataset = components.data.synthetic_data(1024, 512, 0)
+    record, = components.dkel_run(dataset, ["--dataset", "synthetic", "--arch", "resnet8",
+                                            "--epochs", "30", "--ema-decay", "0.99"], [0])
+    return record
+
+
+def test_the_pages_gradient_gaps_are_the_tools(synthetic_start):
+    rows = {row[0]: row[1:] for row in table_after(PAGE, "| where | gap | cosine |")}
+    for scale, gap in components.random_logit_gaps().items():
+        shown_gap, shown_cosine = rows[f"independent random logits, scale {float(scale):g}"]
+        assert near(shown_gap, gap["relative_gap"])
+        assert near(f"{1 - float(shown_cosine):.{len(shown_cosine) - 2}f}", 1 - gap["cosine"], 0.1)
+    shown_gap, shown_cosine = rows["synthetic, resnet8, after the initialisation (epoch 0)"]
+    assert near(shown_gap, synthetic_start["relative_gap"])
+    assert near(f"{1 - float(shown_cosine):.{len(shown_cosine) - 2}f}",
+                1 - synthetic_start["cosine"], relative=0.1)
+
+
+def test_the_pages_early_teacher_is_the_tools(synthetic_start):
+    teacher, student = figures_in(rf"after epochs 0, 1, 2 and 5 is {NUM}, .*? peer's {NUM},")
+    assert abs(float(teacher) - synthetic_start["teacher_ensemble"]) <= POINTS
+    assert abs(float(student) - synthetic_start["mean_student_peer"]) <= POINTS
+    left = figures_in(r"still (\d+) / (\d+) / (\d+) / (\d+) / (\d+)% those")
+    assert [int(x) for x in left] == [round(100 * x)
+                                      for x in components.ema_lag()["start_left_after_epoch"]]
+    table = PAGE[PAGE.index("| runs | method | runs |"):]
+    assert table[:table.index("\n\n")] == components.early_teacher_table(RUNS)
+
+
+def test_evidence_pages_first_epochs_are_the_tools():
+    table = EVIDENCE[EVIDENCE.index("| runs | method | seeds |"):]
+    assert table[:table.index("\n\n")] == components.early_epochs_table(RUNS)
+
+
+def test_the_pages_initialisation_is_the_tools():
+    init = components.initialisation("resnet8")
+    moved, drop, larger, kl_k, kl_ts = figures_in(
+        rf"On resnet8, .*? teacher by {SCI} of its norm and lowers its cross-entropy by "
+        rf"{NUM} nats; the student's first step is (\d+) times larger, and KL\(T_k1 ‖ T_k0\) = "
+        rf"{SCI} against KL\(T ‖ S\) = {NUM}")
+    assert near(moved, init["teacher_moved"], 0.05) and near(drop, init["teacher_ce_drop_nats"], 0.05)
+    assert near(larger, init["student_over_teacher"], 0.05)
+    assert near(kl_k, init["kl_teacher_k1_k0"], 0.1)
+    assert near(kl_ts, init["kl_teacher_student_after_one_step"], 0.05)
+    one, ten, reach, dk = figures_in(rf"decays as α\^n, {NUM} after one CIFAR epoch and {NUM} "
+                                     rf"after 10 .*? sums to {NUM} over 300 epochs, against (\d+)")
+    assert near(one, init["offset_left_after_1_epoch"], 0)
+    assert near(ten, init["offset_left_after_10_epochs"], 0)
+    assert near(reach, init["offset_reach_summed_dk_weight"], 0)
+    assert near(dk, init["dk_summed_weight"], 0)
+
+
+def test_the_pages_authors_code_is_the_tools():
+    authors = components.authors_code()
+    spread = figures_in(rf"spread by {NUM}, {NUM}, {NUM} and {NUM} points")
+    assert [float(x) for x in spread] == authors["table4_spread_of_those_rows"]
+    cutoff, = figures_in(rf"from epoch 81 at every β ≥ {NUM}")
+    assert near(cutoff, authors["cutoff_from_epoch_81_for_beta_at_least"], 0)
+    de, = figures_in(rf"acts only in epoch 0, at weight 0\.1·e⁻⁵ = {SCI}")
+    assert near(de, authors["de_weight_epoch_0"], 0)
+    pcl, dkel = figures_in(rf"r\(ep\) sums to (\d+) over 300 epochs against {NUM}")
+    assert near(pcl, authors["pcl_reproduction_summed_rampup"], 0)
+    assert near(dkel, authors["dkel_summed_rampup"], 0)
