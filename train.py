@@ -89,9 +89,9 @@ def train(args, stop: rundir.StopRequests) -> dict:
         rundir.check_health(row, args.out_dir, args.collapse_threshold)
         # Evaluation (docs/spec.md Sec. 4); with a validation split, the model selection too.
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            row.update(evaluate(method, dataset, args.batch_size, args.precision))
+            row.update(evaluate(method, dataset, args.eval_batch_size, args.precision))
             if dataset.val_labels is not None:
-                row.update(evaluate(method, dataset, args.batch_size, args.precision, "val"))
+                row.update(evaluate(method, dataset, args.eval_batch_size, args.precision, "val"))
                 report.keep_if_best(method, row, state)
         scheduler.step()
         state["history"].append(row)
@@ -248,7 +248,8 @@ def epoch_row(epoch: int, lr: float, weights: dict[str, float], term_weights: di
 
 def save_epoch(args, method, optimizer, scheduler, state: dict, config: dict) -> None:
     """Every epoch, so that --resume continues from the last finished one: the checkpoint, then
-    deployable.pt from the choice it holds (--val-size), metrics.csv, the epoch line and curves."""
+    deployable.pt from the choice it holds (--val-size), metrics.csv, the epoch line; curves.png
+    every report.CURVES_EVERY epochs and after the last."""
     rundir.save_checkpoint(args.out_dir, method.modules(), optimizer, scheduler, state, config)
     report.export_deployable(args.out_dir, state)
     rundir.write_metrics(os.path.join(args.out_dir, "metrics.csv"), state["history"])

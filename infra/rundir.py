@@ -48,7 +48,7 @@ EXIT_TERMINATED = 143
 EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
 
 # Arguments that may change between a run and its resumption without changing its results.
-RESUMABLE = {"resume", "eval_every", "device", "data_dir", "out_dir", "compile"}
+RESUMABLE = {"resume", "eval_every", "eval_batch_size", "device", "data_dir", "out_dir", "compile"}
 # Settings that name a directory: "runs/x", "./runs/x" and its absolute path are one setting.
 PATHS = {"teacher_run"}
 

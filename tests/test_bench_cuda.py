@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ema
+from models import multi_peer_net
 from tools import bench_cuda
 
 TINY = ["--device", "cpu", "--arch", "resnet8", "--batch-size", "16", "--train-images", "128",
@@ -24,10 +25,12 @@ FAKE_WORKER = ("import json, sys; print('ready', flush=True); sys.stdin.readline
 ITEMS = {
     "correctness": ["the DKEL step on the CPU and on the device, fp32",
                     "one epoch through train.py, bf16", "one epoch through train.py, fp32",
-                    "deployable.pt loads without a GPU"],
-    "speed": ["DKEL step, bf16", "DKEL step, fp32", "straightforward recipe (reference), fp32",
-              "data pipeline, ours", "data pipeline, reference", "DKEL step, bf16, compiled",
-              "DKEL step, fp32, compiled"],
+                    "deployable.pt loads without a GPU",
+                    "one short epoch through train.py --compile, bf16"],
+    "speed": ["DKEL step, bf16, compiled", "DKEL step, bf16", "kernels of a DKEL step, bf16",
+              "no host sync in a DKEL step, bf16", "the epoch outside its steps",
+              "DKEL step, fp32", "straightforward recipe (reference), fp32",
+              "data pipeline, ours", "data pipeline, reference"],
     "packing": ["1 run at once", "2 runs at once"],
     "multi-gpu": ["one GPU, 2 epochs", "torchrun, 2 GPUs, NCCL, --sync-bn, 2 epochs",
                   "torchrun: SIGTERM to rank 1 alone", "torchrun: --resume after the SIGTERM"],
@@ -73,15 +76,17 @@ def test_the_tiny_cpu_run_passes_and_reports_every_part_and_item(tiny):
                 assert item["summary"] and item["values"] and item["seconds"] >= 0
     statuses = {name: [item["status"] for item in part["items"]]
                 for name, part in report["parts"].items()}
-    assert statuses == {"correctness": ["passed"] * 4, "speed": ["passed"] * 5 + ["skipped"] * 2,
+    assert statuses == {"correctness": ["passed"] * 4 + ["skipped"],
+                        "speed": ["skipped", "passed", "passed", "skipped"] + ["passed"] * 5,
                         "packing": ["passed"] * 2, "multi-gpu": ["skipped"] * 4}
     assert [p["status"] for p in report["parts"].values()] == ["passed"] * 3 + ["skipped"]
 
 
 def test_skipped_items_say_why(tiny):
     _, report = tiny
-    compiled = report["parts"]["speed"]["items"][5:]
-    assert [item["reason"] for item in compiled] == ["--no-compile"] * 2
+    speed, correctness = report["parts"]["speed"]["items"], report["parts"]["correctness"]["items"]
+    assert [item["reason"] for item in (speed[0], correctness[4])] == ["--no-compile"] * 2
+    assert speed[3]["reason"] == "needs CUDA"   # set_sync_debug_mode is CUDA's
     assert {item["reason"] for item in report["parts"]["multi-gpu"]["items"]} == {
         "needs 2 CUDA devices; 0 visible"}
 
@@ -95,6 +100,20 @@ def test_the_figures_follow_from_the_measurements(tiny):
         # 300 epochs of 390 steps (Sec. 4.2), 270 runs (Table 1).
         assert speed[name]["paper_run_hours"] == pytest.approx(300 * 390 * seconds / 3600)
         assert speed[name]["table1_gpu_days"] == pytest.approx(270 * 300 * 390 * seconds / 86400)
+    bf16 = speed["DKEL step, bf16"]
+    assert bf16["enqueue_share"] == pytest.approx(bf16["enqueue_ms"] / bf16["synchronised_step_ms"])
+    assert "peak_memory_gib" not in bf16   # CUDA's
+    # Each of resnet8's convolutions once forward in the student and in the teacher.
+    student = multi_peer_net("resnet8", 10, 3)
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in student.modules())
+    kernels = speed["kernels of a DKEL step, bf16"]
+    assert kernels["most_frequent_ops"]["convolution"] == 2 * convolutions
+    assert kernels["ops"] > sum(kernels["most_frequent_ops"].values())
+    epoch = speed["the epoch outside its steps"]
+    assert epoch["per_epoch_seconds"] == pytest.approx(
+        epoch["evaluation, batch 1024 (s)"] + epoch["checkpoint and metrics.csv (s)"]
+        + epoch["curves.png (s)"] / 10)
+    assert epoch["evaluation, batch 16 (s)"] > 0
     reference = speed["straightforward recipe (reference), fp32"]["ms_per_step"]
     assert speed["DKEL step, fp32"]["times_the_reference"] == pytest.approx(
         reference / speed["DKEL step, fp32"]["ms_per_step"])
@@ -121,7 +140,7 @@ def test_a_broken_check_fails_the_run_with_exit_code_1(tmp_path, monkeypatch, ca
     assert correctness["status"] == "failed"
     # The teacher does not move on the CPU or on the device alike: that check still agrees.
     assert [item["status"] for item in correctness["items"]] == ["passed", "failed", "failed",
-                                                                 "passed"]
+                                                                 "passed", "skipped"]
     for item in correctness["items"][1:3]:
         assert item["reason"] == "the teacher did not change in the epoch (Eq. (5))"
     assert "FAILED: 2 passed, 2 failed" in capsys.readouterr().out
@@ -134,7 +153,33 @@ def test_a_part_whose_time_is_used_up_reports_each_item_skipped(tmp_path):
     assert code == 0 and report["passed"] is True
     assert report["parts"]["speed"]["status"] == "skipped"
     assert {item["reason"] for item in report["parts"]["speed"]["items"]} == {
-        "the part's time cap of 0 s was used up", "--no-compile"}
+        "the part's time cap of 0 s was used up", "--no-compile", "needs CUDA"}
+
+
+def test_the_figures_are_printed_as_a_table_to_paste():
+    report = {"machine": {"device_name": "NVIDIA H100", "torch": "2.14.1", "cuda": "12.8"},
+              "command": "python -m tools.bench_cuda",
+              "parts": {"speed": {"items": [
+                  {"name": "DKEL step, bf16", "status": "passed", "summary": "9 images/s",
+                   "values": {"times_the_reference": 2.0}},
+                  {"name": "DKEL step, fp32", "status": "skipped", "reason": "cap"}]}}}
+    assert bench_cuda.paste_lines(report) == [
+        "", "For docs/performance.md:", "",
+        "NVIDIA H100, torch 2.14.1, CUDA 12.8: `python -m tools.bench_cuda`", "",
+        "| part | measurement | result |", "|---|---|---|",
+        "| speed | DKEL step, bf16 | 9 images/s; 2.00x the reference |"]
+
+
+def test_an_item_under_its_own_cap_takes_no_time_from_the_parts():
+    def slow(values):
+        time.sleep(0.6)
+        return "slow"
+
+    part = bench_cuda.run_part("part", 0.5, [("own", slow, 1.0), ("later", lambda v: "ran")])
+    assert [item["status"] for item in part["items"]] == ["passed", "passed"]
+    assert part["cap_seconds"] == 1.5
+    part = bench_cuda.run_part("part", 0.5, [("own", slow, 0.3), ("later", lambda v: "ran")])
+    assert [item["status"] for item in part["items"]] == ["skipped", "passed"]
 
 
 def ctrl_c(*args):

@@ -21,6 +21,7 @@ PROGRAMS = {"train.py": train.main, "compare.py": compare.main, "simulate.py": s
 
 @pytest.mark.parametrize("program, argv, named", [
     ("train.py", ["--epochs", "0"], "--epochs"),
+    ("train.py", ["--eval-batch-size", "0"], "--eval-batch-size"),
     ("train.py", ["--no-such-flag"], "--no-such-flag"),
     ("train.py", ["--method", "nope"], "--method"),
     ("train.py", ["--method", "dkel", "--authors-pcl-teacher"], "--authors-pcl-teacher"),

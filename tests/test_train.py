@@ -209,6 +209,62 @@ def test_a_failure_to_draw_the_curves_never_stops_a_run(tmp_path, monkeypatch, c
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluating_in_larger_batches_gives_the_same_accuracies(precision):
+    # Eval-mode BatchNorm: an image's logits do not depend on the others in its batch. After two
+    # steps the running statistics are no longer their initial values.
+    torch.manual_seed(0)
+    dataset = tiny_data("synthetic", "", "cpu")
+    method = DKEL(multi_peer_net("resnet8", 10, 3), temperature=3.0, kd_weight=1.0,
+                  ema_decay=0.9, init_iters=0, init_lr=0.1)
+    optimizer = train.sgd(method.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=0)
+    method.set_mode(True)
+    for step, (views, labels) in zip(range(2), data.train_batches(
+            dataset, 32, 3, data.epoch_generator(0, 0, dataset.device))):
+        train.student_step(method, optimizer, views, labels, {"rampup": 1.0,
+                           "teacher_ensemble_weight": 0.5}, precision)
+        method.after_step(step)
+    at_training_size = train.evaluate(method, dataset, 32, precision)
+    assert train.evaluate(method, dataset, 1024, precision) == at_training_size
+    assert train.evaluate(method, dataset, 48, precision) == at_training_size  # a ragged last batch
+    # The count by hand, one image at a time, for one output.
+    method.set_mode(False)
+    correct = 0
+    with torch.no_grad(), train.autocast(dataset.device, precision):
+        for images, labels in data.test_batches(dataset, 1):
+            correct += int(method.eval_logits(images)["teacher_ensemble"].argmax(-1) == labels)
+    assert at_training_size["acc_teacher_ensemble"] == 100.0 * correct / 128
+
+
+def epoch_row(epoch):
+    """A row of metrics.csv as train.epoch_row writes it, with made-up figures."""
+    return {"epoch": epoch, "lr": 0.1, "w": 0.5, "rampup": 1.0, "loss": 1.0 / epoch,
+            "train_acc": 50.0, "epoch_seconds": 1.0, "images_per_s": 256.0,
+            "acc_deployed_mean": 10.0 + epoch}
+
+
+def test_curves_are_redrawn_every_ten_epochs_and_after_the_last(tmp_path, monkeypatch, capsys):
+    drawn = []
+    monkeypatch.setattr(report, "plot_curves", lambda out_dir, history: drawn.append(len(history)))
+    history = []
+    for epoch in range(23):
+        history.append(epoch_row(epoch + 1))
+        report.end_of_epoch(str(tmp_path), history[-1], history, 23, ())
+    assert drawn == [10, 20, 23]
+    assert len(capsys.readouterr().out.splitlines()) == 23  # the epoch line every epoch
+
+
+def test_the_last_curves_are_those_of_a_redraw_every_epoch(tmp_path, capsys):
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    every.mkdir(), sparse.mkdir()
+    history = []
+    for epoch in range(12):
+        history.append(epoch_row(epoch + 1))
+        report.plot_curves(str(every), history)
+        report.end_of_epoch(str(sparse), history[-1], history, 12, ())
+    assert (sparse / "curves.png").read_bytes() == (every / "curves.png").read_bytes()
+
+
 def test_kd_learns_from_a_finished_run_of_another_network(tmp_path, capsys):
     teacher, student = tmp_path / "teacher", tmp_path / "kd"
     assert train.main(args_for(teacher, "--method", "baseline", "--arch", "resnet20", "--epochs", "1")) == 0
