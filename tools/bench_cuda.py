@@ -263,7 +263,7 @@ def one_step(settings, device: torch.device, batch, allow_tf32: bool) -> dict:
                              "fp32", "--batch-size", str(settings.batch_size)])
     torch.manual_seed(0)
     method = train.build_method(args, synthetic(settings.batch_size, 1, "cpu"), device)
-    train.channels_last_and_compile(method, compile=False)  # NHWC, as train.py runs it
+    train.channels_last(method)  # NHWC, as train.py runs it
     views, labels = (tensor.to(device) for tensor in batch)
     with tf32(allow_tf32):
         start = state_of(method)
