@@ -36,6 +36,9 @@ class CompiledStep:
             optimizer.state[parameter].setdefault("momentum_buffer", torch.zeros_like(parameter))
         self.buffers = [[optimizer.state[p]["momentum_buffer"] for p in params]
                         for params in self.groups]
+        for buffer in (b for buffers in self.buffers for b in buffers):
+            # Updated in place at a fixed address, as a parameter (CUDA graphs keep no copy).
+            torch._dynamo.mark_static_address(buffer)
         self.lrs = [torch.zeros((), device=device) for _ in self.groups]
         self.alpha = torch.zeros((), device=device)
         teacher = getattr(method, "teacher", None)
