@@ -6,12 +6,13 @@ What changes between steps enters as tensors filled before each call, so that no
 the learning rate of each parameter group (the scheduler keeps its floats in the optimizer), r(ep)
 and w(ep), and alpha of Eq. (5). The step computes what train.student_step and the method's
 after_step compute, in three of the compiled graph's own terms:
-- the gradients are set to None inside the step (Optimizer.zero_grad is not traced), and the
-  backward is traced (torch._dynamo's trace_autograd_ops);
+- the gradients are torch.autograd.grad's, traced (torch._dynamo's trace_autograd_ops), and are
+  never stored in .grad: Optimizer.zero_grad is not traced, and a traced loss.backward() gave a
+  parameter another's gradient when some parameter had none (torch 2.14.1);
 - the SGD update is torch.optim.sgd's functional form on the optimizer's own parameters and
   momentum buffers (Optimizer.step breaks the graph on purpose, torch issue 104053), its buffers
   made as zeros before the first step (SGD's first step copies the gradient into the buffer:
-  momentum * 0 + gradient is that copy);
+  momentum * 0 + gradient is that copy), skipping a parameter without a gradient as SGD does;
 - Eq. (5) is the teacher's own torch._foreach_lerp_ with alpha as a tensor.
 """
 import torch
