@@ -466,7 +466,7 @@ def test_a_rank_without_a_gpu_of_its_own_says_so_in_one_line_before_touching_cud
     touched = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: touched.append(device))
     monkeypatch.setattr(dist, "init_process_group", lambda backend: touched.append(backend))
-    args = SimpleNamespace(device="cuda", batch_size=8, world_size=2, sync_bn=False)
+    args = SimpleNamespace(device="cuda", batch_size=8, world_size=2, sync_bn=False, compile=False)
     with pytest.raises(SystemExit) as stop:
         distributed.join(args, 1, contextlib.ExitStack())
     assert stop.value.code == 2 and touched == []
