@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
            "master weights stay fp32); auto: the precision the run in --out-dir was started in "
            "(its config.json), else bf16 on CUDA and on a CPU with native bf16, fp32 elsewhere")
     a("--compile", action="store_true",
-      help="torch.compile the forward passes of the trained networks (and teacher)")
+      help="ours: torch.compile the whole step, forward, loss, backward, SGD and Eq. (5), as one "
+           "graph (on CUDA with CUDA graphs; docs/performance.md)")
     a("--sync-bn", action="store_true",
       help="torchrun: BatchNorm statistics of the global batch, synchronised across the ranks "
            "(docs/distributed.md; default: each rank's own B/N images)")

@@ -10,7 +10,8 @@ the student's SGD step on Eq. (2) or Eq. (12) (losses.py) followed by the teache
 the evaluation of every student peer, the student ensemble, every teacher peer and the teacher
 ensemble (docs/spec.md Sec. 4). Each piece of infrastructure is one named call: the command line
 (cli.py), the run directory and its checkpoints (infra/rundir.py), the report (infra/report.py),
-torchrun (infra/distributed.py), the stop signals (`stop`) and the precision (`autocast`).
+torchrun (infra/distributed.py), the stop signals (`stop`), the precision (`autocast`) and, with
+--compile, the whole step as one compiled graph (`training_step`, infra/compiled.py).
 """
 import sys
 
@@ -31,12 +32,12 @@ from tqdm import tqdm
 import data
 from baselines import KD, Baseline
 from cli import METHODS, ONLINE_DISTILLATION, resolve_args
-from ema import IndependentTeacher
 from losses import authors_rampup, authors_weight_cutoff, teacher_ensemble_decay, rampup
 from methods import DK, DKEL, PCL, PCLDE
 from models import multi_peer_net
-# The machinery beyond the paper (infra/): torchrun, the report, the run directory.
-from infra import distributed, report, rundir
+# The machinery beyond the paper (infra/): the compiled step, torchrun, the report, the run
+# directory.
+from infra import compiled, distributed, report, rundir
 
 
 def train(args, stop: rundir.StopRequests) -> dict:
@@ -49,7 +50,7 @@ def train(args, stop: rundir.StopRequests) -> dict:
     dataset = load_data(args, device)
     # The multi-peer student and its teacher (methods.py), or a compared method (baselines.py).
     method = build_method(args, dataset, device)
-    channels_last_and_compile(method, args.compile)  # how they run, not what they compute
+    channels_last(method)  # how they run, not what they compute
     optimizer = sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
@@ -64,6 +65,8 @@ def train(args, stop: rundir.StopRequests) -> dict:
         method.initialise(batches)
         state = {"epoch": 0, "step": 0, "history": []}
     distributed.prepare(method, args)  # torchrun: DDP, rank 0's weights on every rank
+    # The student's step and Eq. (5); --compile: both as one compiled graph (infra/compiled.py).
+    step = training_step(method, optimizer, args.precision, args.compile, device)
     num_batches = data.num_train_batches(dataset, args.batch_size)
     report.warn_if_teacher_lags(method, num_batches, args.epochs)
     for epoch in range(state["epoch"], args.epochs):
@@ -75,9 +78,7 @@ def train(args, stop: rundir.StopRequests) -> dict:
         method.set_mode(True)
         totals, start = {}, time.perf_counter()
         for views, labels in progress(batches, num_batches, epoch, args.epochs):
-            loss, parts = student_step(method, optimizer, views, labels, weights, args.precision)
-            # Eq. (5): the teacher follows the student after every optimizer step.
-            method.after_step(state["step"])
+            loss, parts = step(views, labels, weights, state["step"])
             state["step"] += 1
             add_to(totals, {"loss": loss.detach(), **parts})
             # SIGTERM / SIGINT: the finished epochs are saved (torchrun: every rank at one step).
@@ -110,6 +111,21 @@ def student_step(method, optimizer, views: torch.Tensor, labels: torch.Tensor,
     loss.backward()
     optimizer.step()
     return loss, parts
+
+
+def training_step(method, optimizer, precision: str, compile: bool, device: torch.device):
+    """`step(views, labels, weights, index)`: the student's SGD step (`student_step`), then the
+    teacher's Eq. (5) after optimizer step `index` (method.after_step); with `compile`, the two as
+    one torch.compile'd graph (infra/compiled.py). Returns the loss and its parts."""
+    if compile:
+        return compiled.CompiledStep(method, optimizer, precision, device)
+
+    def step(views, labels, weights, index):
+        loss, parts = student_step(method, optimizer, views, labels, weights, precision)
+        method.after_step(index)  # Eq. (5): the teacher follows the student after every step
+        return loss, parts
+
+    return step
 
 
 def epoch_weights(args, epoch: int) -> dict[str, float]:
@@ -185,18 +201,12 @@ def build_method(args, dataset: data.ImageData, device: torch.device):
                                       **distillation)
 
 
-def channels_last_and_compile(method, compile: bool) -> None:
+def channels_last(method) -> None:
     """Every network in NHWC layout (channels_last: the tensor cores' layout on CUDA, and about
-    1.3x faster than NCHW for resnet32 on a 2-core CPU as well, oneDNN); with --compile, the
-    training forward and an independent teacher's forward under torch.compile. How the networks
-    run, not what they compute."""
+    1.3x faster than NCHW for resnet32 on a 2-core CPU as well, oneDNN). How the networks run,
+    not what they compute."""
     for module in method.modules().values():
         module.to(memory_format=torch.channels_last)
-    if compile:
-        method.training_forward = torch.compile(method.training_forward)
-        teacher = getattr(method, "teacher", None)
-        if isinstance(teacher, IndependentTeacher):
-            teacher.forward = torch.compile(teacher.forward)
 
 
 def sgd(parameters, *, lr: float, momentum: float, weight_decay: float):

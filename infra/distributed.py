@@ -99,11 +99,14 @@ def session(args):
 
 
 def join(args, rank: int, stack: contextlib.ExitStack) -> None:
-    """Check that N divides --batch-size, and join torchrun's process group: NCCL on CUDA (each
+    """Refuse --compile; check that N divides --batch-size, and join torchrun's process group: NCCL on CUDA (each
     rank on the GPU of its LOCAL_RANK, refused in one line by a rank without one), gloo on the
     CPU. The other ranks' output is silenced (rank 0 prints the epoch lines, the progress bar and
     the summary); their crashes still show."""
     cuda = args.device.startswith("cuda")
+    if args.compile:  # its backward is torch.autograd.grad, which DDP's all-reduce never sees
+        raise RunStopped("--compile runs in one process only (infra/compiled.py); drop it under "
+                         "torchrun", EXIT_BAD_INPUT)
     if args.batch_size % args.world_size:
         raise RunStopped(f"--batch-size {args.batch_size} is the global batch and must be "
                          f"divisible by the {args.world_size} processes of this torchrun run",

@@ -1,6 +1,9 @@
-"""tools/bench_train.py's op count: what its dispatch mode counts and leaves out, and one DKEL
-step's convolutions against the networks' layers."""
+"""tools/bench_train.py's op count (what its dispatch mode counts and leaves out, one DKEL step's
+convolutions against the networks' layers) and its --base comparison."""
 import argparse
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -30,3 +33,23 @@ def test_one_dkel_step_runs_each_convolution_once_forward_and_the_students_once_
     assert counts["convolution"] == student + teacher  # the teacher's forward has no backward
     assert counts["convolution_backward"] == student
     assert "detach" not in counts and "view" not in counts
+
+
+def test_base_times_ours_against_a_commit_in_its_own_worktree(monkeypatch, capsys):
+    # HEAD against itself: both lines, the base at 1.00x itself, and no worktree left behind.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = worktrees(root)
+    monkeypatch.setattr(sys, "argv", ["bench_train", "--base", "HEAD", "--arch", "resnet8",
+                                      "--batch-size", "2", "--steps", "1", "--rounds", "1",
+                                      "--device", "cpu"])
+    bench_train.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("dkel step, resnet8, batch 2, bf16, cpu")
+    assert lines[1].startswith("ours ") and lines[2].startswith("HEAD ")
+    assert lines[2].endswith(" 1.00x HEAD")
+    assert worktrees(root) == before
+
+
+def worktrees(root):
+    return subprocess.run(["git", "-C", root, "worktree", "list"], capture_output=True,
+                          text=True, check=True).stdout

@@ -442,6 +442,13 @@ def test_the_lock_of_a_killed_holder_blocks_no_resume_and_another_world_size_is_
 
 
 @pytest.mark.usefixtures("small_data")
+def test_compile_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main([*FLAGS, "--out-dir", str(tmp_path), "--compile"]) == 2
+    assert "--compile runs in one process only" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("small_data")
 def test_a_batch_size_that_the_world_size_does_not_divide_is_refused(tmp_path, capsys,
                                                                      monkeypatch):
     # Checked before joining.
@@ -459,7 +466,7 @@ def test_a_rank_without_a_gpu_of_its_own_says_so_in_one_line_before_touching_cud
     touched = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: touched.append(device))
     monkeypatch.setattr(dist, "init_process_group", lambda backend: touched.append(backend))
-    args = SimpleNamespace(device="cuda", batch_size=8, world_size=2, sync_bn=False)
+    args = SimpleNamespace(device="cuda", batch_size=8, world_size=2, sync_bn=False, compile=False)
     with pytest.raises(SystemExit) as stop:
         distributed.join(args, 1, contextlib.ExitStack())
     assert stop.value.code == 2 and touched == []

@@ -5,8 +5,8 @@ At the paper's settings (lr 0.1, Nesterov momentum 0.9, Sec. 4.2) the Eq. (3) en
 overshoot in the first steps; its cross-entropy then drives the branches' pooled features to zero
 and the peers stay near chance for an epoch or more, on some seeds. This trains the student of
 PCL, DK or DKEL as train.py does, with train.py's own pieces (cli.resolve_args,
-train.build_method, train.channels_last_and_compile, train.sgd, Method.initialise,
-data.train_batches, train.student_step, Method.after_step), for --steps steps from each seed, with
+train.build_method, train.channels_last, train.sgd, Method.initialise,
+data.train_batches, train.training_step), for --steps steps from each seed, with
 the paper's recipe and with --ensemble-lr-per-peer, and prints each run's peer train accuracy over
 its last steps and, per method, how many seeds stalled. Exits 1 when a run with the remedy stays
 below 1.5x chance (a stall), 0 otherwise; a stalled paper-recipe run is only reported.
@@ -46,18 +46,18 @@ def train_accuracies(args, dataset, steps: int) -> list[float]:
     train.py trains it with `args` (the epoch weights of the first epoch throughout)."""
     torch.manual_seed(args.seed)
     method = train.build_method(args, dataset, dataset.device)
-    train.channels_last_and_compile(method, args.compile)
+    train.channels_last(method)
     optimizer = train.sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
     method.initialise(data.repeated_batches(dataset, args.batch_size, method.num_views, args.seed))
     weights = train.epoch_weights(args, 0)
+    take = train.training_step(method, optimizer, args.precision, args.compile, dataset.device)
     method.set_mode(True)
     accuracies = []
     stream = batches(dataset, args.batch_size, method.num_views, args.seed)
     for step in range(steps):
         views, labels = next(stream)
-        _, parts = train.student_step(method, optimizer, views, labels, weights, args.precision)
-        method.after_step(step)
+        _, parts = take(views, labels, weights, step)
         accuracies.append(100.0 * parts["correct"].item())
     return accuracies
 

@@ -14,12 +14,14 @@ All run the same networks, the same objective with the same epoch weights
 (the fastest round of each counts) so that a slow phase of a shared machine hits all of them.
 Prints every rate and its ratio to the reference (targets: >= 2x on the 2-core CPU, 5x on a GPU).
 Instead, --count-ops counts the ops of one eager bf16 step that launch a kernel (a dispatch mode,
-OpCounter), and --epoch-overhead times the pieces of an epoch outside its steps (the evaluation,
-the checkpoint, curves.png).
+OpCounter), --epoch-overhead times the pieces of an epoch outside its steps (the evaluation, the
+checkpoint, curves.png), and --base COMMIT times ours in bf16 against that commit's step, run in
+a git worktree of it in the same run.
 
     python -m tools.bench_train [--arch resnet32] [--batch-size 128] [--steps 8] [--device cpu|cuda]
     python -m tools.bench_train --count-ops --batch-size 16
     python -m tools.bench_train --epoch-overhead
+    python -m tools.bench_train --base e96e887 [--compile]
 """
 import sys
 
@@ -33,6 +35,8 @@ import contextlib
 import copy
 import itertools
 import os
+import subprocess
+import sys
 import tempfile
 
 import torch
@@ -81,11 +85,11 @@ def count_ops(args, dataset, device) -> collections.Counter:
 
 
 def dkel_method(args, dataset, device, per_view_bn: bool = True):
-    """train.py's DKEL method (resnet `args.arch`, M = 3) and its optimizer, in training mode; with
+    """train.py's DKEL method (`args.arch`, M = 3) and its optimizer, in training mode; with
     `per_view_bn` False the trunks' BatchNorm normalises all M*B stacked images together."""
     method = DKEL(multi_peer_net(args.arch, dataset.num_classes, 3), device=device,
                   temperature=3.0, kd_weight=1.0, ema_decay=0.999, init_iters=1, init_lr=0.01)
-    train.channels_last_and_compile(method, args.compile)  # NHWC, --compile: as train.py runs it
+    train.channels_last(method)  # NHWC, as train.py runs it
     for module in [*method.student.modules(), *method.teacher.network.modules()]:
         if isinstance(module, ViewBatchNorm2d) and not per_view_bn:
             # The same parameters and buffers, one statistic.
@@ -99,6 +103,7 @@ def dkel_step(args, dataset, device, precision: str, per_view_bn: bool = True):
     """train.py's DKEL step in `precision` on batches of `dataset`, as a function of no argument
     that runs one step (`dkel_method`). Shared with bench_cuda.py."""
     method, optimizer = dkel_method(args, dataset, device, per_view_bn)
+    take = train.training_step(method, optimizer, precision, args.compile, device)  # as train.py
     generator = torch.Generator(device=device).manual_seed(0)
     epochs = (data.train_batches(dataset, args.batch_size, 3, generator) for _ in itertools.count())
     batches = itertools.chain.from_iterable(epochs)   # epoch after epoch, as many steps as asked
@@ -106,8 +111,7 @@ def dkel_step(args, dataset, device, precision: str, per_view_bn: bool = True):
 
     def step() -> None:
         views, labels = next(batches)
-        train.student_step(method, optimizer, views, labels, WEIGHTS, precision)
-        method.after_step(next(counter))
+        take(views, labels, WEIGHTS, next(counter))
 
     return step
 
@@ -118,8 +122,7 @@ def epoch_overhead(args, device) -> dict[str, float]:
     batch size and at --eval-batch-size, the checkpoint with metrics.csv, and curves.png drawn
     for a 10-epoch history."""
     dataset = data.synthetic_data(args.batch_size, args.test_images, 0, device)
-    method, optimizer = dkel_method(argparse.Namespace(**{**vars(args), "compile": False}),
-                                    dataset, device)
+    method, optimizer = dkel_method(args, dataset, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [150, 225], gamma=0.1)
     means = {"loss": 1.0, "train_acc": 50.0}
     rows = [train.epoch_row(epoch, 0.1, WEIGHTS, method.term_weights(WEIGHTS), means,
@@ -174,6 +177,48 @@ def machine(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu, {torch.get_num_threads()} threads, native bf16: {cli.native_bf16(device)}"
+
+
+# A commit's own step, timed in its own worktree (--base): its bench_train.time_ours in bf16.
+BASE_STEP = ("import argparse, sys, torch, data; from tools import bench_train; "
+             "args = argparse.Namespace(arch=sys.argv[1], batch_size=int(sys.argv[2]), "
+             "steps=int(sys.argv[3]), compile=sys.argv[4] == '1'); "
+             "torch.set_num_threads(int(sys.argv[5])); "
+             "device = torch.device('cpu'); "
+             "dataset = data.load_data('synthetic', 'unused', device); "
+             "print(bench_train.time_ours(args, dataset, device, 'bf16'))")
+
+
+def time_base(args, worktree: str) -> float:
+    """Seconds per bf16 step of the commit checked out in `worktree`, in a process of its own."""
+    command = [sys.executable, "-c", BASE_STEP, args.arch, str(args.batch_size), str(args.steps),
+               "1" if args.compile else "0", str(torch.get_num_threads())]
+    result = subprocess.run(command, cwd=worktree, capture_output=True, text=True, check=True)
+    return float(result.stdout.split()[-1])
+
+
+def print_against_base(args, dataset, device) -> None:
+    """Ours in bf16 (compiled with --compile) against --base's step, alternating --rounds times
+    in one run, the fastest of each."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    times = {"ours": [], args.base: []}
+    with tempfile.TemporaryDirectory() as parent:
+        worktree = os.path.join(parent, "base")
+        subprocess.run(["git", "-C", root, "worktree", "add", "--detach", worktree, args.base],
+                       check=True, capture_output=True)
+        try:
+            for _ in range(args.rounds):
+                times["ours"].append(time_ours(args, dataset, device, "bf16"))
+                times[args.base].append(time_base(args, worktree))
+        finally:
+            subprocess.run(["git", "-C", root, "worktree", "remove", "--force", worktree],
+                           check=True, capture_output=True)
+    best = {name: min(seconds) for name, seconds in times.items()}
+    print(f"dkel step, {args.arch}, batch {args.batch_size}, bf16"
+          f"{', compiled' if args.compile else ''}, {machine(device)}")
+    for name, seconds in best.items():
+        print(f"{name:<10} {args.batch_size / seconds:8.1f} images/s  ({seconds * 1e3:7.1f} ms/step)  "
+              f"{best[args.base] / seconds:5.2f}x {args.base}")
 
 
 def seconds_per_step(step, steps: int, warmup: int, device: torch.device) -> float:
@@ -237,11 +282,15 @@ def main() -> None:
                         help="DataLoader workers of the reference (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda")
-    parser.add_argument("--compile", action="store_true", help="ours with train.py --compile (torch.compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with train.py --compile (the whole step compiled)")
     parser.add_argument("--count-ops", action="store_true",
                         help="instead: count the kernel-launching ops of one eager bf16 step")
     parser.add_argument("--epoch-overhead", action="store_true",
                         help="instead: time the pieces of an epoch outside its steps")
+    parser.add_argument("--base", metavar="COMMIT",
+                        help="instead: ours in bf16 against this commit's step (run in a git "
+                             "worktree of it, CPU only), as a ratio")
     parser.add_argument("--test-images", type=int, default=10_000,
                         help="--epoch-overhead: synthetic test images (CIFAR's 10,000)")
     parser.add_argument("--eval-batch-size", type=int, default=1024,
@@ -253,6 +302,8 @@ def main() -> None:
                      "be >= 1 and --workers >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device on this machine; use --device cpu")
+    if args.base and args.device != "cpu":
+        parser.error("--base times the CPU only; add --device cpu")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.train: kernels chosen once
     torch.manual_seed(0)
@@ -261,6 +312,8 @@ def main() -> None:
     dataset = data.load_data("synthetic", "unused", device)
     if args.count_ops:
         return print_op_count(args, dataset, device)
+    if args.base:
+        return print_against_base(args, dataset, device)
     loader = reference_loader(dataset, 3, args.batch_size, args.workers, device)
     times = {"reference (fp32)": [], "ours fp32": [], "ours bf16": [], "bf16, stacked BN": []}
     for _ in range(args.rounds):

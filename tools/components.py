@@ -151,7 +151,7 @@ def dkel_run(dataset, argv: list[str], measure_epochs: list[int]) -> list[dict]:
     args = cli.resolve_args(["--method", "dkel", "--device", "cpu", "--precision", "fp32", *argv])
     torch.manual_seed(args.seed)
     method = train.build_method(args, dataset, torch.device("cpu"))
-    train.channels_last_and_compile(method, False)
+    train.channels_last(method)
     optimizer = train.sgd(method.trainable_parameters(), lr=args.lr, momentum=args.momentum,
                           weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
