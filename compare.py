@@ -480,9 +480,9 @@ def paired_chart(entries: dict, path: str) -> None:
                 ax.plot([x] * len(d), d, "o", color=f"C{x % 10}", alpha=0.7)
                 ax.plot([x], [statistics.fmean(d)], "k_", markersize=24, markeredgewidth=2)
             ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
-            # A --paired-runs-dir's name on a line of its own under the method's, so labels stay apart.
-            ax.set_xticks(range(len(compared)), [label.replace(" (", "\n(") for label, _ in compared],
-                          fontsize=8)
+            # A --paired-runs-dir's name on a line of its own under the method's: labels stay apart.
+            labels = [label.replace(" (", "\n(") for label, _ in compared]
+            ax.set_xticks(range(len(compared)), labels, fontsize=8)
             ax.set_title(f"{dataset} {arch}", fontsize=10)
             if error:
                 ax.legend(fontsize=8)

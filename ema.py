@@ -55,7 +55,11 @@ class EMATeacher:
     @torch.no_grad()
     def update(self, step: int = 0) -> None:
         """Call after every optimizer step of the student; `step` counts those steps from 0."""
-        ema_decay = self.ema_decay_at(step)
+        self.follow(self.ema_decay_at(step))
+
+    def follow(self, ema_decay: float | torch.Tensor) -> None:
+        """Eq. (5) at a given alpha, a float or (in the compiled step, infra/compiled.py) a
+        0-dim tensor; called without gradient tracking."""
         # Eq. (5): theta_T <- alpha * theta_T + (1 - alpha) * theta_S
         #          (lerp: theta_T + (1 - alpha) * (theta_S - theta_T), one fused kernel).
         torch._foreach_lerp_(self.teacher_params, self.student_params, 1.0 - ema_decay)

@@ -13,7 +13,7 @@ after_step compute, in three of the compiled graph's own terms:
   momentum buffers (Optimizer.step breaks the graph on purpose, torch issue 104053), its buffers
   made as zeros before the first step (SGD's first step copies the gradient into the buffer:
   momentum * 0 + gradient is that copy), skipping a parameter without a gradient as SGD does;
-- Eq. (5) is the teacher's own torch._foreach_lerp_ with alpha as a tensor.
+- Eq. (5) is the teacher's own `follow` (ema.EMATeacher) with alpha as a tensor.
 """
 import torch
 from torch.optim.sgd import sgd as functional_sgd
@@ -79,6 +79,5 @@ class CompiledStep:
                 functional_sgd([params[i] for i in used], [gradients[params[i]] for i in used],
                                [buffers[i] for i in used], lr=lr, foreach=True, **settings)
             if self.teacher is not None:
-                torch._foreach_lerp_(self.teacher.teacher_params, self.teacher.student_params,
-                                     1.0 - alpha)
+                self.teacher.follow(alpha)
         return loss.detach(), parts

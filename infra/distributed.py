@@ -99,9 +99,9 @@ def session(args):
 
 
 def join(args, rank: int, stack: contextlib.ExitStack) -> None:
-    """Refuse --compile; check that N divides --batch-size, and join torchrun's process group: NCCL on CUDA (each
-    rank on the GPU of its LOCAL_RANK, refused in one line by a rank without one), gloo on the
-    CPU. The other ranks' output is silenced (rank 0 prints the epoch lines, the progress bar and
+    """Refuse --compile; check that N divides --batch-size, and join torchrun's process group:
+    NCCL on CUDA (each rank on the GPU of its LOCAL_RANK, refused in one line by a rank without
+    one), gloo on the CPU. The other ranks' output is silenced (rank 0 prints the epoch lines, the progress bar and
     the summary); their crashes still show."""
     cuda = args.device.startswith("cuda")
     if args.compile:  # its backward is torch.autograd.grad, which DDP's all-reduce never sees

@@ -127,8 +127,8 @@ def summary_table(summary: dict) -> str:
     if chosen["on"] == "validation split":
         lines.append(f"headline (the deployed model): {headline(summary):.2f}%")
     else:
-        lines.append(f"headline (deployed_mean at the final epoch; pcl/dk/pcl_de/dkel: the teacher peers' "
-                     f"mean): {headline(summary):.2f}%")
+        lines.append(f"headline (deployed_mean at the final epoch; pcl/dk/pcl_de/dkel: the teacher "
+                     f"peers' mean): {headline(summary):.2f}%")
     lines.append(f"paper's convention (best deployed output at its best epoch, selected on the "
                  f"test split): {best['acc']:.2f}% ({best['output']}, epoch {best['epoch']})")
     summed = summary.get("summed_term_weights")

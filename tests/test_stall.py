@@ -143,4 +143,5 @@ def test_flag_is_refused_for_methods_without_the_ensemble_head(method, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.resolve_args(["--method", method, "--ensemble-lr-per-peer"])
     assert exit_info.value.code == 2
-    assert "--ensemble-lr-per-peer is for --method pcl, dk, pcl_de or dkel" in capsys.readouterr().err
+    refusal = "--ensemble-lr-per-peer is for --method pcl, dk, pcl_de or dkel"
+    assert refusal in capsys.readouterr().err

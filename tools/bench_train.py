@@ -217,8 +217,8 @@ def print_against_base(args, dataset, device) -> None:
     print(f"dkel step, {args.arch}, batch {args.batch_size}, bf16"
           f"{', compiled' if args.compile else ''}, {machine(device)}")
     for name, seconds in best.items():
-        print(f"{name:<10} {args.batch_size / seconds:8.1f} images/s  ({seconds * 1e3:7.1f} ms/step)  "
-              f"{best[args.base] / seconds:5.2f}x {args.base}")
+        print(f"{name:<10} {args.batch_size / seconds:8.1f} images/s  "
+              f"({seconds * 1e3:7.1f} ms/step)  {best[args.base] / seconds:5.2f}x {args.base}")
 
 
 def seconds_per_step(step, steps: int, warmup: int, device: torch.device) -> float:

@@ -158,7 +158,8 @@ def dkel_run(dataset, argv: list[str], measure_epochs: list[int]) -> list[dict]:
     method.initialise(data.repeated_batches(dataset, args.batch_size, method.num_views, args.seed))
     probe, _ = next(data.train_batches(dataset, args.batch_size, method.num_views,
                                        data.epoch_generator(args.seed, 10 ** 6, dataset.device)))
-    records, step = [], 0
+    step = train.training_step(method, optimizer, args.precision, False, torch.device("cpu"))
+    records, index = [], 0
     for epoch in range(max(measure_epochs) + 1):
         if epoch in measure_epochs:
             record = {"epoch": epoch, "w": train.epoch_weights(args, epoch)["teacher_ensemble_weight"]}
@@ -174,9 +175,8 @@ def dkel_run(dataset, argv: list[str], measure_epochs: list[int]) -> list[dict]:
         for views, labels in data.train_batches(dataset, args.batch_size, method.num_views,
                                                 data.epoch_generator(args.seed, epoch,
                                                                      dataset.device)):
-            train.student_step(method, optimizer, views, labels, weights, args.precision)
-            method.after_step(step)
-            step += 1
+            step(views, labels, weights, index)
+            index += 1
         scheduler.step()
     return records
 
